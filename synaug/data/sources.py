@@ -1,0 +1,236 @@
+"""Real image sources behind one interface: an image folder, a MedMNIST `.npz`, a CSV manifest.
+
+`load_source(path)` returns an `ImageSource`: its class names, a table of items (`id`, `label`, `split`,
+`path`), a content fingerprint and `decode()`. Splits are `train`, `val` and `test`. Where the source has no
+validation split, one is carved from train; where it has no splits at all, train/val/test are carved. Carving
+is seeded, stratified by class, and keeps byte-identical files together so a twin cannot sit on both sides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from synaug.cache import cached_tensors
+from synaug.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+OnBad = Literal["error", "skip"]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says what and where."""
+
+
+@dataclass
+class ImageSource:
+    root: Path
+    classes: list[str]
+    items: pd.DataFrame  # id, label, split, path (files) ; row order is the index used everywhere
+    arrays: np.ndarray | None = None  # (N, H, W[, C]) uint8 for array-backed sources, in `items` order
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self):
+        if len(self.classes) < 2:
+            raise DataError(f"{self.root}: found {len(self.classes)} class(es) {self.classes}; a classifier needs at least 2")
+        counts = self.items.groupby("label").size().reindex(range(len(self.classes)), fill_value=0)
+        empty = [self.classes[i] for i, n in counts.items() if n == 0]
+        if empty:
+            raise DataError(f"{self.root}: class(es) with no images: {empty}")
+        self.items = self.items.reset_index(drop=True)
+        if "sha256" not in self.items:
+            self.items["sha256"] = self._hashes()
+        h = hashlib.sha256()
+        for row in self.items[["id", "label", "split", "sha256"]].itertuples(index=False):
+            h.update("\t".join(map(str, row)).encode() + b"\n")
+        self.fingerprint = h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def indices(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.items["split"].to_numpy() == split)
+
+    def raw(self, i: int) -> bytes | np.ndarray:
+        return self.arrays[i] if self.arrays is not None else Path(self.items.at[i, "path"]).read_bytes()
+
+    def _hashes(self) -> list[str]:
+        if self.arrays is not None:
+            return [hashlib.sha256(a.tobytes()).hexdigest() for a in self.arrays]
+        with ThreadPoolExecutor(8) as pool:
+            return list(pool.map(lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest(), self.items["path"]))
+
+    def load(self, i: int, size: int, channels: int) -> np.ndarray:
+        """One image as (channels, size, size) uint8; raises BadImageError naming the file."""
+        if self.arrays is not None:
+            return load_image(_png(self.arrays[i]), size, channels, name=self.items.at[i, "id"])
+        return load_image(self.items.at[i, "path"], size, channels)
+
+    def decode(
+        self, indices: Sequence[int], size: int, channels: int, on_bad: OnBad = "error"
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """Decode `indices` into one uint8 tensor (n, channels, size, size), cached on disk.
+
+        Returns the tensor and the indices it holds: with `on_bad="skip"` unreadable images are left out
+        (and logged), with `"error"` the first one raises BadImageError naming the file.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+
+        def compute():
+            def one(i):
+                try:
+                    return self.load(int(i), size, channels)
+                except BadImageError as err:
+                    if on_bad == "error":
+                        raise
+                    log.warning("skipping %s", err)
+                    return None
+
+            with ThreadPoolExecutor(8) as pool:  # PIL releases the GIL while decoding
+                images = list(pool.map(one, indices))
+            kept = np.array([i for i, a in zip(indices, images, strict=True) if a is not None], dtype=np.int64)
+            stack = [a for a in images if a is not None]
+            x = torch.from_numpy(np.stack(stack)) if stack else torch.empty(0, channels, size, size, dtype=torch.uint8)
+            return {"images": x, "indices": torch.from_numpy(kept)}
+
+        key = dict(source=self.fingerprint, indices=hashlib.sha256(indices.tobytes()).hexdigest(),
+                   size=size, channels=channels, on_bad=on_bad)
+        out = cached_tensors("decoded", key, compute)
+        return out["images"], out["indices"].numpy()
+
+
+def _png(a: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_source(
+    path: str | Path,
+    *,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    classes: Sequence[str] | None = None,
+) -> ImageSource:
+    """Open a folder, a MedMNIST `.npz` or a CSV manifest (`path,label[,split]`) as an ImageSource."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        src = _from_folder(path)
+    elif path.suffix == ".npz":
+        src = _from_npz(path, classes)
+    elif path.suffix == ".csv":
+        src = _from_csv(path)
+    elif not path.exists():
+        raise DataError(f"data source not found: {path}")
+    else:
+        raise DataError(f"{path}: not a folder, .npz or .csv data source")
+    return _carve_splits(src, val_fraction, test_fraction, seed)
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _from_folder(root: Path) -> ImageSource:
+    sub = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    split_dirs = [s for s in sub if s in SPLITS]
+    layout = {s: root / s for s in split_dirs} if split_dirs else {"": root}
+    classes = sorted({d.name for base in layout.values() for d in base.iterdir() if d.is_dir()})
+    rows = []
+    for split, base in layout.items():
+        for c, name in enumerate(classes):
+            folder = base / name
+            files = _list_images(folder) if folder.is_dir() else []
+            if folder.is_dir() and not files:
+                raise DataError(f"{folder}: class folder is empty (no {'/'.join(sorted(IMAGE_EXTENSIONS))} files)")
+            rows += [(str(p.relative_to(root)), c, split, str(p)) for p in files]
+    items = pd.DataFrame(rows, columns=["id", "label", "split", "path"])
+    return ImageSource(root, classes, items)
+
+
+MEDMNIST_CLASSES = {"breastmnist": ["malignant", "normal_benign"], "pneumoniamnist": ["normal", "pneumonia"]}
+
+
+def _from_npz(path: Path, classes: Sequence[str] | None) -> ImageSource:
+    with np.load(path) as z:
+        parts = [(s, z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS if f"{s}_images" in z]
+    if not parts:
+        raise DataError(f"{path}: no MedMNIST keys (train_images, train_labels, ...) in the file")
+    labels = np.concatenate([np.asarray(lab).reshape(len(lab), -1)[:, 0] for _, _, lab in parts]).astype(np.int64)
+    if classes is None:
+        classes = MEDMNIST_CLASSES.get(path.stem.split("_")[0]) or [str(i) for i in range(labels.max() + 1)]
+    ids = [f"{s}/{i}" for s, im, _ in parts for i in range(len(im))]
+    splits = [s for s, im, _ in parts for _ in range(len(im))]
+    items = pd.DataFrame({"id": ids, "label": labels, "split": splits, "path": None})
+    return ImageSource(path, list(classes), items, arrays=np.concatenate([im for _, im, _ in parts]))
+
+
+def _from_csv(path: Path) -> ImageSource:
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = {"path", "label"} - set(table.columns)
+    if missing:
+        raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,split]")
+    root = path.parent.resolve()
+    resolved = []
+    for p in table["path"]:
+        full = (root / p).resolve()
+        if not full.is_relative_to(root):
+            raise DataError(f"{path}: manifest path escapes the data root {root}: {p}")
+        resolved.append(str(full))
+    classes = sorted(table["label"].unique())
+    split = table["split"] if "split" in table else ""
+    bad = set(table["split"]) - set(SPLITS) if "split" in table else set()
+    if bad:
+        raise DataError(f"{path}: unknown split value(s) {sorted(bad)}; use train, val, test")
+    items = pd.DataFrame({"id": table["path"], "label": table["label"].map(classes.index), "split": split,
+                          "path": resolved})
+    return ImageSource(root, classes, items)
+
+
+def _carve_splits(src: ImageSource, val_fraction: float, test_fraction: float, seed: int) -> ImageSource:
+    items = src.items.copy()
+    unsplit = items["split"] == ""
+    if unsplit.any():
+        items.loc[unsplit, "split"] = _group_split(items[unsplit], {"test": test_fraction, "val": val_fraction}, seed)
+    if not (items["split"] == "val").any():
+        train = items["split"] == "train"
+        items.loc[train, "split"] = _group_split(items[train], {"val": val_fraction}, seed)
+    for s in SPLITS:
+        if not (items["split"] == s).any():
+            raise DataError(f"{src.root}: the {s} split is empty")
+    src.items = items
+    src.__post_init__()  # new splits, new fingerprint
+    return src
+
+
+def _group_split(items: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
+    """Seeded split, stratified by label, assigning whole groups of byte-identical files."""
+    rng = np.random.default_rng(seed)
+    out = np.full(len(items), "train", dtype=object)
+    pos = {i: k for k, i in enumerate(items.index)}
+    for _, cls in items.groupby("label"):
+        groups = list(cls.groupby("sha256").groups.values())
+        rng.shuffle(groups)
+        n, taken = len(cls), 0
+        for split, frac in fractions.items():
+            want, got = round(frac * n), 0
+            while groups and got < want:
+                g = groups.pop()
+                out[[pos[i] for i in g]] = split
+                got += len(g)
+            taken += got
+    return out

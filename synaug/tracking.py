@@ -1,0 +1,73 @@
+"""MLflow tracking: one default local store, the provenance every run carries, figures as images.
+
+The local default is a SQLite database under `mlruns/` with artifacts beside it (MLflow 3 deprecates the
+plain `./mlruns` file store). `MLFLOW_TRACKING_URI` (or `tracking_uri` in a config) points at a server instead,
+unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
+
+STORE = Path("mlruns")
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """`uri`, else `$MLFLOW_TRACKING_URI`, else the local SQLite store `mlruns/mlflow.db` (created on demand)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    STORE.mkdir(exist_ok=True)
+    return f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
+
+
+def artifact_location(uri: str) -> str | None:
+    """A SQLite store keeps its artifacts in `artifacts/` beside the database; a server decides its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
+
+
+class MLFlowLogger(_MLFlowLogger):
+    """Lightning's MLFlowLogger with synaug's defaults: the local SQLite store and its artifact folder."""
+
+    def __init__(
+        self,
+        experiment_name: str = "synaug",
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        tags: dict[str, str] | None = None,
+        run_id: str | None = None,
+        log_model: bool = False,
+    ):
+        uri = globals()["tracking_uri"](tracking_uri)
+        super().__init__(
+            experiment_name=experiment_name, run_name=run_name, tracking_uri=uri, tags=tags,
+            artifact_location=artifact_location(uri), run_id=run_id, log_model=log_model,
+        )
+
+
+def git_commit() -> str:
+    """The commit of the synaug checkout a run came from, with `-dirty` when it had uncommitted changes."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def log_figure(client: mlflow.MlflowClient, run_id: str, fig: plt.Figure, path: str) -> None:
+    client.log_figure(run_id, fig, path)
+    plt.close(fig)
