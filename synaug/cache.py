@@ -24,7 +24,9 @@ def key_hash(**key) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def cached_tensors(kind: str, key: dict, compute: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def cached_tensors(
+    kind: str, key: dict, compute: Callable[[], dict[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
     """Return `compute()`, stored under `cache_dir()/kind/<hash(key)>.safetensors` after the first call."""
     path = cache_dir() / kind / f"{key_hash(**key)}.safetensors"
     if path.exists():

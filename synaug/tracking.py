@@ -51,8 +51,13 @@ class MLFlowLogger(_MLFlowLogger):
     ):
         uri = globals()["tracking_uri"](tracking_uri)
         super().__init__(
-            experiment_name=experiment_name, run_name=run_name, tracking_uri=uri, tags=tags,
-            artifact_location=artifact_location(uri), run_id=run_id, log_model=log_model,
+            experiment_name=experiment_name,
+            run_name=run_name,
+            tracking_uri=uri,
+            tags=tags,
+            artifact_location=artifact_location(uri),
+            run_id=run_id,
+            log_model=log_model,
         )
 
 
@@ -60,9 +65,16 @@ def git_commit() -> str:
     """The commit of the synaug checkout a run came from, with `-dirty` when it had uncommitted changes."""
     here = Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True)
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=here,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")

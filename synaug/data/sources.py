@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from synaug.cache import cached_tensors
 from synaug.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
@@ -43,7 +44,9 @@ class ImageSource:
 
     def __post_init__(self):
         if len(self.classes) < 2:
-            raise DataError(f"{self.root}: found {len(self.classes)} class(es) {self.classes}; a classifier needs at least 2")
+            raise DataError(
+                f"{self.root}: found {len(self.classes)} class(es) {self.classes}; a classifier needs at least 2"
+            )
         counts = self.items.groupby("label").size().reindex(range(len(self.classes)), fill_value=0)
         empty = [self.classes[i] for i, n in counts.items() if n == 0]
         if empty:
@@ -69,7 +72,9 @@ class ImageSource:
         if self.arrays is not None:
             return [hashlib.sha256(a.tobytes()).hexdigest() for a in self.arrays]
         with ThreadPoolExecutor(8) as pool:
-            return list(pool.map(lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest(), self.items["path"]))
+            return list(
+                pool.map(lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest(), self.items["path"])
+            )
 
     def load(self, i: int, size: int, channels: int) -> np.ndarray:
         """One image as (channels, size, size) uint8; raises BadImageError naming the file."""
@@ -80,34 +85,54 @@ class ImageSource:
     def decode(
         self, indices: Sequence[int], size: int, channels: int, on_bad: OnBad = "error"
     ) -> tuple[torch.Tensor, np.ndarray]:
-        """Decode `indices` into one uint8 tensor (n, channels, size, size), cached on disk.
+        """Decode `indices` into one uint8 tensor (n, channels, size, size), cached on disk by content.
 
         Returns the tensor and the indices it holds: with `on_bad="skip"` unreadable images are left out
         (and logged), with `"error"` the first one raises BadImageError naming the file.
         """
         indices = np.asarray(indices, dtype=np.int64)
+        key = dict(
+            source=self.fingerprint,
+            indices=hashlib.sha256(indices.tobytes()).hexdigest(),
+            size=size,
+            channels=channels,
+            on_bad=on_bad,
+        )
 
         def compute():
-            def one(i):
-                try:
-                    return self.load(int(i), size, channels)
-                except BadImageError as err:
-                    if on_bad == "error":
-                        raise
-                    log.warning("skipping %s", err)
-                    return None
-
-            with ThreadPoolExecutor(8) as pool:  # PIL releases the GIL while decoding
-                images = list(pool.map(one, indices))
-            kept = np.array([i for i, a in zip(indices, images, strict=True) if a is not None], dtype=np.int64)
-            stack = [a for a in images if a is not None]
-            x = torch.from_numpy(np.stack(stack)) if stack else torch.empty(0, channels, size, size, dtype=torch.uint8)
+            x, kept = decode_all(lambda i: self.load(int(i), size, channels), indices, size, channels, on_bad)
             return {"images": x, "indices": torch.from_numpy(kept)}
 
-        key = dict(source=self.fingerprint, indices=hashlib.sha256(indices.tobytes()).hexdigest(),
-                   size=size, channels=channels, on_bad=on_bad)
         out = cached_tensors("decoded", key, compute)
         return out["images"], out["indices"].numpy()
+
+
+def decode_all(
+    load, keys: Sequence, size: int, channels: int, on_bad: OnBad
+) -> tuple[torch.Tensor, np.ndarray]:
+    """`load(key)` for every key on a thread pool (PIL releases the GIL while decoding), stacked as uint8.
+
+    Returns the stack and the keys it holds; with `on_bad="skip"` images raising BadImageError are left out."""
+
+    def one(k):
+        try:
+            return load(k)
+        except BadImageError as err:
+            if on_bad == "error":
+                raise
+            log.warning("skipping %s", err)
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        images = list(tqdm(pool.map(one, keys), total=len(keys), desc="decoding", disable=len(keys) < 2000))
+    kept = np.array([k for k, a in zip(keys, images, strict=True) if a is not None])
+    stack = [a for a in images if a is not None]
+    x = (
+        torch.from_numpy(np.stack(stack))
+        if stack
+        else torch.empty(0, channels, size, size, dtype=torch.uint8)
+    )
+    return x, kept
 
 
 def _png(a: np.ndarray) -> bytes:
@@ -125,20 +150,26 @@ def load_source(
     test_fraction: float = 0.2,
     seed: int = 0,
     classes: Sequence[str] | None = None,
+    data_root: str | Path | None = None,
+    carve: bool = True,
 ) -> ImageSource:
-    """Open a folder, a MedMNIST `.npz` or a CSV manifest (`path,label[,split]`) as an ImageSource."""
+    """Open a folder, a MedMNIST `.npz` or a CSV manifest (`path,label[,split]`) as an ImageSource.
+
+    CSV paths are relative to `data_root` (default: the CSV's folder) and may not point outside it.
+    `carve=False` keeps the splits exactly as the source has them (what `synaug data audit` reports on).
+    """
     path = Path(path).expanduser()
     if path.is_dir():
         src = _from_folder(path)
     elif path.suffix == ".npz":
         src = _from_npz(path, classes)
     elif path.suffix == ".csv":
-        src = _from_csv(path)
+        src = _from_csv(path, Path(data_root).expanduser() if data_root else path.parent)
     elif not path.exists():
         raise DataError(f"data source not found: {path}")
     else:
         raise DataError(f"{path}: not a folder, .npz or .csv data source")
-    return _carve_splits(src, val_fraction, test_fraction, seed)
+    return _carve_splits(src, val_fraction, test_fraction, seed) if carve else src
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -156,7 +187,9 @@ def _from_folder(root: Path) -> ImageSource:
             folder = base / name
             files = _list_images(folder) if folder.is_dir() else []
             if folder.is_dir() and not files:
-                raise DataError(f"{folder}: class folder is empty (no {'/'.join(sorted(IMAGE_EXTENSIONS))} files)")
+                raise DataError(
+                    f"{folder}: class folder is empty (no {'/'.join(sorted(IMAGE_EXTENSIONS))} files)"
+                )
             rows += [(str(p.relative_to(root)), c, split, str(p)) for p in files]
     items = pd.DataFrame(rows, columns=["id", "label", "split", "path"])
     return ImageSource(root, classes, items)
@@ -170,7 +203,9 @@ def _from_npz(path: Path, classes: Sequence[str] | None) -> ImageSource:
         parts = [(s, z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS if f"{s}_images" in z]
     if not parts:
         raise DataError(f"{path}: no MedMNIST keys (train_images, train_labels, ...) in the file")
-    labels = np.concatenate([np.asarray(lab).reshape(len(lab), -1)[:, 0] for _, _, lab in parts]).astype(np.int64)
+    labels = np.concatenate([np.asarray(lab).reshape(len(lab), -1)[:, 0] for _, _, lab in parts]).astype(
+        np.int64
+    )
     if classes is None:
         classes = MEDMNIST_CLASSES.get(path.stem.split("_")[0]) or [str(i) for i in range(labels.max() + 1)]
     ids = [f"{s}/{i}" for s, im, _ in parts for i in range(len(im))]
@@ -179,12 +214,12 @@ def _from_npz(path: Path, classes: Sequence[str] | None) -> ImageSource:
     return ImageSource(path, list(classes), items, arrays=np.concatenate([im for _, im, _ in parts]))
 
 
-def _from_csv(path: Path) -> ImageSource:
+def _from_csv(path: Path, root: Path) -> ImageSource:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,split]")
-    root = path.parent.resolve()
+    root = root.resolve()
     resolved = []
     for p in table["path"]:
         full = (root / p).resolve()
@@ -196,8 +231,9 @@ def _from_csv(path: Path) -> ImageSource:
     bad = set(table["split"]) - set(SPLITS) if "split" in table else set()
     if bad:
         raise DataError(f"{path}: unknown split value(s) {sorted(bad)}; use train, val, test")
-    items = pd.DataFrame({"id": table["path"], "label": table["label"].map(classes.index), "split": split,
-                          "path": resolved})
+    items = pd.DataFrame(
+        {"id": table["path"], "label": table["label"].map(classes.index), "split": split, "path": resolved}
+    )
     return ImageSource(root, classes, items)
 
 
@@ -205,7 +241,9 @@ def _carve_splits(src: ImageSource, val_fraction: float, test_fraction: float, s
     items = src.items.copy()
     unsplit = items["split"] == ""
     if unsplit.any():
-        items.loc[unsplit, "split"] = _group_split(items[unsplit], {"test": test_fraction, "val": val_fraction}, seed)
+        items.loc[unsplit, "split"] = _group_split(
+            items[unsplit], {"test": test_fraction, "val": val_fraction}, seed
+        )
     if not (items["split"] == "val").any():
         train = items["split"] == "train"
         items.loc[train, "split"] = _group_split(items[train], {"val": val_fraction}, seed)

@@ -54,7 +54,9 @@ def read_synthetic(folder: str | Path, classes: Sequence[str]) -> SyntheticSourc
     folder = Path(folder).expanduser().resolve()
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
-        raise DataError(f"{folder}: no manifest.csv; a synthetic folder needs one (see synaug.data.synthetic)")
+        raise DataError(
+            f"{folder}: no manifest.csv; a synthetic folder needs one (see synaug.data.synthetic)"
+        )
     items = pd.read_csv(manifest, dtype=str, keep_default_na=False)
     missing = set(COLUMNS) - set(items.columns)
     if missing:
@@ -63,7 +65,9 @@ def read_synthetic(folder: str | Path, classes: Sequence[str]) -> SyntheticSourc
     if unknown:
         raise DataError(f"{manifest}: class(es) {unknown} are not among the real classes {list(classes)}")
     items["file"] = [str((folder / p).resolve()) for p in items["path"]]
-    escaping = [p for p, f in zip(items["path"], items["file"], strict=True) if not Path(f).is_relative_to(folder)]
+    escaping = [
+        p for p, f in zip(items["path"], items["file"], strict=True) if not Path(f).is_relative_to(folder)
+    ]
     if escaping:
         raise DataError(f"{manifest}: path escapes the synthetic folder: {escaping[0]}")
     items["label"] = items["class"].map(list(classes).index)
@@ -73,8 +77,14 @@ def read_synthetic(folder: str | Path, classes: Sequence[str]) -> SyntheticSourc
 class SyntheticWriter:
     """Write generated images into `folder` as `<class>/<index>.png` with their manifest rows."""
 
-    def __init__(self, folder: str | Path, generator: str, run_id: str, checkpoint: str = "",
-                 train_ids: Sequence[str] | None = None):
+    def __init__(
+        self,
+        folder: str | Path,
+        generator: str,
+        run_id: str,
+        checkpoint: str = "",
+        train_ids: Sequence[str] | None = None,
+    ):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.manifest = self.folder / "manifest.csv"
@@ -91,11 +101,15 @@ class SyntheticWriter:
     def done(self) -> set[tuple[str, int]]:
         """(class, index) pairs already written: a row exists and so does its file."""
         rows = pd.read_csv(self.manifest, dtype=str, keep_default_na=False)
-        return {(c, int(Path(p).stem)) for c, p in zip(rows["class"], rows["path"], strict=True)
-                if (self.folder / p).is_file()}
+        return {
+            (c, int(Path(p).stem))
+            for c, p in zip(rows["class"], rows["path"], strict=True)
+            if (self.folder / p).is_file()
+        }
 
-    def write(self, image: np.ndarray | Image.Image, cls: str, index: int, seed: int,
-              source: Sequence[str] = ()) -> Path:
+    def write(
+        self, image: np.ndarray | Image.Image, cls: str, index: int, seed: int, source: Sequence[str] = ()
+    ) -> Path:
         """`image`: PIL or uint8 array (C, H, W) with C in {1, 3}."""
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0))

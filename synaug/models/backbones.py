@@ -36,11 +36,17 @@ def create_backbone(
             raise WeightsUnavailableError(f"Checkpoint for backbone '{name}' not found: {path}")
         # timm's own local-file route: it adapts in_chans and drops a mismatched classifier as for hub weights.
         return timm.create_model(
-            name, pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-            num_classes=num_classes, in_chans=in_chans, **kwargs,
+            name,
+            pretrained=True,
+            pretrained_cfg_overlay={"file": str(path)},
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **kwargs,
         )
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(
+            name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
     except Exception as err:
         if not pretrained or "Unknown model" in str(err):
             raise

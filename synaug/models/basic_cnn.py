@@ -24,14 +24,23 @@ class BasicCNN(nn.Module):
         super().__init__()
         c1, c2 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(in_chans, c1, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+            nn.Conv2d(in_chans, c1, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
             # Pooling to a fixed 8x8 keeps the parameter count independent of the image size.
-            nn.AdaptiveAvgPool2d(8), nn.Flatten(),
+            nn.AdaptiveAvgPool2d(8),
+            nn.Flatten(),
         )
         self.hidden = nn.Sequential(
-            nn.Linear(c2 * 64, hidden[0]), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
-            nn.Linear(hidden[0], hidden[1]), nn.ReLU(inplace=True), nn.Dropout(drop_rate),
+            nn.Linear(c2 * 64, hidden[0]),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_rate),
+            nn.Linear(hidden[0], hidden[1]),
+            nn.ReLU(inplace=True),
+            nn.Dropout(drop_rate),
         )
         self.num_features = hidden[1]
         self.num_classes = num_classes
@@ -58,5 +67,7 @@ class BasicCNN(nn.Module):
 def basic_cnn(pretrained: bool = False, **kwargs) -> BasicCNN:
     if pretrained:
         raise ValueError("basic_cnn has no pretrained weights; set pretrained: false")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")}
+    kwargs = {
+        k: v for k, v in kwargs.items() if k not in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+    }
     return BasicCNN(**kwargs)

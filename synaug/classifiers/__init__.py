@@ -1,0 +1,4 @@
+from synaug.classifiers.finetune import ImageClassifier
+from synaug.classifiers.frozen import FeatureClassifier
+
+__all__ = ["FeatureClassifier", "ImageClassifier"]

@@ -1,0 +1,81 @@
+"""Fine-tuned classifiers (thesis 2): any timm backbone by name (basic_cnn, resnet18, vit_*), trained end to end."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from synaug.classifiers.base import Classifier
+from synaug.models import create_backbone
+
+
+class ImageClassifier(Classifier):
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        num_classes: int = 2,
+        in_chans: int = 3,
+        image_size: int = 128,
+        class_names: list[str] | None = None,
+        pretrained: bool = False,
+        checkpoint_path: str | None = None,
+        model_kwargs: dict | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        scheduler: LRSchedulerCallable | None = None,
+        label_smoothing: float = 0.0,
+        compile: bool = False,
+    ):
+        """
+        Args:
+            backbone: a timm model name (`basic_cnn` is synaug's thesis-2 CNN, registered with timm).
+            pretrained, checkpoint_path: weights from the hub or a local timm-format file; never downloaded
+                offline (a clear error names the model instead).
+            model_kwargs: passed to `timm.create_model`, e.g. `{img_size: 128}` for a ViT at 128 px.
+            compile: `torch.compile` the network (worth it on a GPU for long runs).
+        """
+        super().__init__(num_classes, class_names)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.net = create_backbone(
+            backbone,
+            pretrained=pretrained,
+            checkpoint_path=checkpoint_path,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            **(model_kwargs or {}),
+        )
+        # Pretrained weights expect their own normalisation; from scratch, [-1, 1] is as good as any.
+        cfg = self.net.pretrained_cfg if (pretrained or checkpoint_path) else {"mean": (0.5,), "std": (0.5,)}
+        mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
+        if in_chans != len(mean):
+            mean, std = mean.mean().repeat(in_chans), std.mean().repeat(in_chans)
+        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+        self.optimizer, self.scheduler = optimizer, scheduler
+
+    def configure_model(self):
+        if self.hparams.compile:
+            self.net = torch.compile(self.net)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean) / self.std
+        if x.is_cuda:  # conv kernels on tensor cores want NHWC
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.net(x)
+
+    def on_fit_start(self):
+        if self.device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)
+
+    def training_step(self, batch, batch_idx):
+        x, y, _ = batch
+        loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def probs(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        return self(x).float().softmax(-1)
+
+    def configure_optimizers(self):
+        opt = self.optimizer(self.parameters())
+        return opt if self.scheduler is None else {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}

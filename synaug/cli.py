@@ -1,0 +1,128 @@
+"""`synaug`: LightningCLI for training (`fit`, `validate`, `test`, `predict`) and plain commands for the rest.
+
+Training runs are configured by YAML under `configs/` (`synaug fit -c configs/classifiers/resnet18.yaml`);
+the type-hinted `__init__` of the model and of `ClassificationData` is the schema, so a mistyped key is an
+error that names it. Every run lands in MLflow with its resolved config, git commit and data fingerprints.
+The other commands are functions whose signatures are their schema, with `-c config.yaml` as well.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import sys
+from collections.abc import Callable
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.core import LightningModule
+
+from synaug.data import ClassificationData
+from synaug.tracking import MLFlowLogger, git_commit, log_figure
+
+COMMANDS = {
+    "data audit": "synaug.data.audit:audit",
+    "sample": "synaug.sampling:sample",
+    "generate": "synaug.generators.generate:generate",
+    "quality": "synaug.generators.quality:quality",
+    "explain": "synaug.explain:explain",
+    "experiment": "synaug.experiment:experiment",
+    "tune": "synaug.tune:tune",
+}
+
+
+class TrackRun(SaveConfigCallback):
+    """Logs what makes a run reproducible and inspectable: the resolved config, the git commit, the data's
+    fingerprints and per-class counts, and a grid of training images labelled real/synthetic."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, MLFlowLogger):
+            return
+        client, run = logger.experiment, logger.run_id
+        client.log_text(run, self.parser.dump(self.config, skip_none=False), "config.yaml")
+        client.set_tag(run, "git_commit", git_commit())
+        client.set_tag(run, "stage", stage)
+        client.set_tag(run, "model", type(pl_module).__name__)
+        dm = trainer.datamodule
+        if isinstance(dm, ClassificationData):
+            client.set_tag(run, "data.fingerprint", dm.fingerprint)
+            client.set_tag(run, "data.train_fingerprint", dm.train_fingerprint)
+            client.log_text(run, dm.counts.to_csv(), "data/counts.csv")
+            client.log_metric(run, "data/skipped_images", len(dm.skipped))
+            client.log_metric(run, "data/dropped_test_twins", dm.dropped_twins)
+            if dm.skipped:
+                client.log_text(run, "\n".join(map(str, dm.skipped)), "data/skipped_images.txt")
+            log_figure(client, run, dm.preview_figure(), "data/train_grid.png")
+
+
+class SynAugCLI(LightningCLI):
+    def __init__(self, args=None, run: bool = True):
+        super().__init__(
+            LightningModule,
+            ClassificationData,
+            subclass_mode_model=True,
+            save_config_callback=TrackRun,
+            save_config_kwargs={"save_to_log_dir": False},
+            trainer_defaults={
+                "default_root_dir": "outputs",
+                "logger": {"class_path": "synaug.tracking.MLFlowLogger"},
+                "callbacks": [ModelCheckpoint(monitor="val/f1_macro", mode="max")],
+            },
+            seed_everything_default=0,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for source, target in [
+            ("num_classes", "num_classes"),
+            ("class_names", "class_names"),
+            ("channels", "in_chans"),
+            ("image_size", "image_size"),
+        ]:
+            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit",
+            type=bool,
+            default=True,
+            help="After fit, evaluate the best checkpoint once on the test set.",
+        )
+
+    def after_fit(self) -> None:
+        if self.config[self.subcommand].test_after_fit:
+            best = self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path
+            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+
+
+def run_function(fn: Callable, argv: list[str], prog: str):
+    """Run a command function from the command line: its signature is the schema, `-c` reads YAML."""
+    parser = ArgumentParser(prog=prog, description=inspect.getdoc(fn))
+    parser.add_argument("-c", "--config", action=ActionConfigFile)
+    parser.add_function_arguments(fn, as_positional=True)
+    cfg = parser.instantiate_classes(parser.parse_args(argv))
+    return fn(**{k: cfg[k] for k in inspect.signature(fn).parameters})
+
+
+def main(argv: list[str] | None = None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name, target in COMMANDS.items():
+        words = name.split()
+        if argv[: len(words)] == words:
+            module, fn = target.split(":")
+            return run_function(
+                getattr(importlib.import_module(module), fn), argv[len(words) :], f"synaug {name}"
+            )
+    if argv in ([], ["-h"], ["--help"]):
+        print(
+            "usage: synaug {fit,validate,test,predict} -c CONFIG.yaml   (LightningCLI; `synaug fit --help`)\n"
+            "       synaug {" + ",".join(COMMANDS) + "} [-c CONFIG.yaml] ...   (`synaug COMMAND --help`)"
+        )
+        return None
+    SynAugCLI(args=argv)
+    return None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+"""One DataModule for every classifier and generator: a real source, optional synthetic sources mixed in per
+class, validation and test always real.
+
+Two loading paths give the same batches `(x, y, row)`: uint8 images, labels, and rows of `self.table`.
+- memory: the whole table decoded once (cached on disk) into one uint8 tensor that lives on the training
+  device; batches are gathered and augmented there. For the small datasets synaug is for, this removes the
+  decode-and-copy work of a DataLoader from every epoch.
+- dataloader: a DataLoader with workers, augmenting per image, for tables that do not fit.
+After transfer to the device images become float in [0, 1]; models normalise for themselves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from functools import cached_property
+from typing import Literal
+
+import lightning.pytorch as L
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from synaug.data.images import load_image
+from synaug.data.mixing import epoch_order, plan
+from synaug.data.sources import DataError, ImageSource, OnBad, decode_all, load_source
+from synaug.data.synthetic import SyntheticSource, read_synthetic
+from synaug.data.transforms import BatchAugment, Policy, policy_transform
+
+log = logging.getLogger(__name__)
+
+
+class ClassificationData(L.LightningDataModule):
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 128,
+        channels: Literal[1, 3] = 1,
+        batch_size: int = 64,
+        eval_batch_size: int = 256,
+        policy: Policy = "none",
+        real_fraction: float | dict[str, float] = 1.0,
+        real_count: dict[str, int] | None = None,
+        synthetic: list[str] | None = None,
+        synthetic_ratio: float | dict[str, float] = 0.0,
+        augment_classes: list[str] | None = None,
+        replace_prob: float = 0.0,
+        seed: int = 0,
+        subset_seed: int | None = None,
+        selection: str | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        data_root: str | None = None,
+        drop_test_twins: bool = True,
+        on_bad_image: OnBad = "error",
+        loader: Literal["auto", "memory", "dataloader"] = "auto",
+        memory_budget_gb: float = 8.0,
+        num_workers: int | None = None,
+    ):
+        """
+        Args:
+            root: an image folder (`root/<split>/<class>/*` or `root/<class>/*`), a MedMNIST `.npz` or a CSV
+                manifest (`path,label[,split]`).
+            image_size, channels: every image is converted to this (1 = grey, 3 = RGB) and size.
+            policy: conventional augmentation of training images.
+            real_fraction, real_count: per-class share (or exact number) of the real training images kept,
+                drawn with `subset_seed` (default: `seed`). See `synaug.data.mixing` for the counting rules.
+            synthetic: synthetic folders with a `manifest.csv` (see `synaug.data.synthetic`), pooled.
+            synthetic_ratio: synthetic images added per class, as a fraction of that class's kept real count.
+            augment_classes: only these classes get synthetic images (default: every class with a ratio).
+            replace_prob: chance that a real training image is swapped for one of its synthetic variants each
+                epoch (DA-Fusion style); needs image-conditioned synthetic images.
+            selection: a selection manifest (`synaug sample`): train only on the images whose `id` it lists.
+            val_fraction, test_fraction, split_seed: carving of missing splits (see `load_source`).
+            data_root: the folder CSV manifest paths are relative to (default: the CSV's folder).
+            drop_test_twins: leave out validation/test images that have a byte-identical twin in train.
+            on_bad_image: `error` stops at the first unreadable image, naming it; `skip` leaves such images out
+                and counts them (`skipped`).
+            loader: `memory`, `dataloader`, or `auto` (memory when the decoded table fits `memory_budget_gb`).
+            num_workers: DataLoader workers (default: all cores).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.table: pd.DataFrame | None = None
+
+    # What the CLI links into models, known without decoding anything.
+    @cached_property
+    def source(self) -> ImageSource:
+        h = self.hparams
+        return load_source(
+            h.root,
+            val_fraction=h.val_fraction,
+            test_fraction=h.test_fraction,
+            seed=h.split_seed,
+            data_root=h.data_root,
+        )
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.source.classes)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.source.classes)
+
+    @property
+    def channels(self) -> int:
+        return self.hparams.channels
+
+    @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        h, src = self.hparams, self.source
+        items = src.items.copy()
+        self.dropped_twins = 0
+        if h.drop_test_twins:
+            seen = lambda splits: items["sha256"].isin(items.loc[items["split"].isin(splits), "sha256"])  # noqa: E731
+            twin = ((items["split"] == "val") & seen(["train"])) | (
+                (items["split"] == "test") & seen(["train", "val"])
+            )
+            self.dropped_twins = int(twin.sum())
+            items.loc[twin, "split"] = "twin"
+        if h.selection:
+            ids = set(pd.read_csv(h.selection, dtype=str)["id"])
+            unknown = ids - set(items["id"])
+            if unknown:
+                raise DataError(
+                    f"selection {h.selection}: {len(unknown)} id(s) not in {h.root}, e.g. {min(unknown)}"
+                )
+            items.loc[(items["split"] == "train") & ~items["id"].isin(ids), "split"] = "unselected"
+        syn = self._synthetic()
+        ts = plan(
+            items,
+            self.class_names,
+            syn,
+            real_fraction=h.real_fraction,
+            real_count=h.real_count,
+            synthetic_ratio=h.synthetic_ratio,
+            augment_classes=h.augment_classes,
+            replace_prob=h.replace_prob,
+            seed=h.seed,
+            subset_seed=h.subset_seed,
+        )
+        self.counts = ts.counts
+
+        real_rows = np.concatenate(
+            [ts.real, np.flatnonzero(items["split"] == "val"), np.flatnonzero(items["split"] == "test")]
+        )
+        real = items.iloc[real_rows][["id", "label", "split", "sha256"]].assign(
+            synthetic=False, key=real_rows
+        )
+        parts = [real]
+        if syn is not None:
+            syn_rows = np.unique(np.concatenate([ts.synthetic, *ts.variants.values()]).astype(np.int64))
+            s = syn.items.iloc[syn_rows]
+            parts.append(
+                pd.DataFrame(
+                    {
+                        "id": s["file"],
+                        "label": s["label"],
+                        "split": "train",
+                        "synthetic": True,
+                        "key": syn_rows,
+                        "sha256": [_sha256(f) for f in s["file"]],
+                    }
+                )
+            )
+        table = pd.concat(parts, ignore_index=True)
+        keep, self.images = self._load(table)
+        self.skipped = table.loc[~keep, "id"].tolist()
+        table = table[keep].reset_index(drop=True)
+
+        row = {
+            (bool(sy), int(k)): r
+            for r, (sy, k) in enumerate(zip(table["synthetic"], table["key"], strict=True))
+        }
+        train_real = [row[(False, int(i))] for i in ts.real if (False, int(i)) in row]
+        train_syn = [row[(True, int(i))] for i in ts.synthetic if (True, int(i)) in row]
+        self.train_rows = np.array(train_real + train_syn, dtype=np.int64)
+        self.variants = {
+            row[(False, i)]: np.array([row[(True, int(j))] for j in v if (True, int(j)) in row])
+            for i, v in ts.variants.items()
+            if (False, i) in row
+        }
+        self.table = table
+        self.train_ids = table.loc[self.train_rows[: len(train_real)], "id"].tolist()
+        self.fingerprint = src.fingerprint
+        self.train_fingerprint = hashlib.sha256(
+            "\n".join(sorted(table.loc[self.train_rows, "sha256"])).encode()
+        ).hexdigest()
+        self.table_fingerprint = hashlib.sha256(
+            "\n".join(table["id"] + "\t" + table["sha256"]).encode()
+        ).hexdigest()
+        if self.skipped:
+            log.warning("skipped %d unreadable image(s) (on_bad_image=skip)", len(self.skipped))
+        log.info("training set per class:\n%s", self.counts.to_string())
+
+    def _synthetic(self) -> SyntheticSource | None:
+        folders = self.hparams.synthetic or []
+        if not folders:
+            return None
+        sources = [read_synthetic(f, self.class_names) for f in folders]
+        if len(sources) == 1:
+            return sources[0]
+        # Pool several folders into one source; file paths are absolute, so the folder only names train_sets.
+        items = pd.concat([s.items.assign(_folder=str(s.folder)) for s in sources], ignore_index=True)
+        pooled = SyntheticSource(sources[0].folder, items)
+        pooled.train_ids = lambda fp: next(
+            s.train_ids(fp) for s in sources if fp in set(s.items["train_set"])
+        )
+        return pooled
+
+    def _load(self, table: pd.DataFrame) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Decode (memory path) or check (dataloader path) every image once; returns which rows are readable."""
+        h = self.hparams
+        size, ch, on_bad = h.image_size, h.channels, h.on_bad_image
+        self.in_memory = h.loader == "memory" or (
+            h.loader == "auto" and len(table) * ch * size**2 <= h.memory_budget_gb * 2**30
+        )
+        real = ~table["synthetic"].to_numpy()
+        keys, files = table["key"][real].to_numpy(), table["id"][~real].tolist()
+        load_real = lambda i: self.source.load(int(i), size, ch)  # noqa: E731
+        load_syn = lambda f: load_image(f, size, ch)  # noqa: E731
+        if self.in_memory:
+            rx, rk = self.source.decode(keys, size, ch, on_bad)
+            sx, sk = decode_all(load_syn, files, size, ch, on_bad)
+        else:
+            # Decode once without keeping the pixels, so that a bad file stops the run here, not in a worker.
+            rx, rk = decode_all(lambda i: load_real(i)[:, :1, :1], keys, 1, ch, on_bad)
+            sx, sk = decode_all(lambda f: load_syn(f)[:, :1, :1], files, 1, ch, on_bad)
+        keep = np.zeros(len(table), dtype=bool)
+        keep[real] = np.isin(keys, rk)
+        keep[~real] = np.isin(files, sk)
+        return keep, torch.cat([rx, sx]) if self.in_memory else None
+
+    # ---- loaders ----
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+
+    def _device_images(self) -> torch.Tensor:
+        if self.images.device != self._device():
+            self.images = self.images.to(self._device())
+            self._labels = None
+        return self.images
+
+    def _labels_on(self, device) -> torch.Tensor:
+        if getattr(self, "_labels", None) is None or self._labels.device != device:
+            self._labels = torch.tensor(self.table["label"].to_numpy(), device=device)
+        return self._labels
+
+    def train_dataloader(self):
+        h = self.hparams
+        order = lambda epoch: epoch_order(self.train_rows, self.variants, h.replace_prob, h.seed, epoch)  # noqa: E731
+        if self.in_memory:
+            images = self._device_images()
+            return DeviceBatches(images, self._labels_on(images.device), order, h.batch_size)
+        return self._dataloader(
+            EpochSampler(order, len(self.train_rows)), h.batch_size, policy_transform(h.policy)
+        )
+
+    def _rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.table["split"].to_numpy() == split)
+
+    def _eval(self, rows: np.ndarray):
+        if self.in_memory:
+            images = self._device_images()
+            return DeviceBatches(
+                images, self._labels_on(images.device), lambda _: rows, self.hparams.eval_batch_size
+            )
+        return self._dataloader(rows, self.hparams.eval_batch_size)
+
+    def val_dataloader(self):
+        return self._eval(self._rows("val"))
+
+    def test_dataloader(self):
+        return self._eval(self._rows("test"))
+
+    def predict_dataloader(self):
+        return self.test_dataloader()
+
+    def all_batches(self, batch_size: int = 256):
+        """Every row of the table in order, unaugmented: for feature extraction and embeddings."""
+        return (
+            self._eval(np.arange(len(self.table)))
+            if self.in_memory
+            else self._dataloader(np.arange(len(self.table)), batch_size)
+        )
+
+    def _dataloader(self, sampler, batch_size, transform=None) -> DataLoader:
+        workers = os.cpu_count() if self.hparams.num_workers is None else self.hparams.num_workers
+        ds = TableDataset(self, transform)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+        )
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y, row = batch
+        if self.trainer is not None and self.trainer.training and self.in_memory:
+            x = self.augment(x)
+        return x.float().div_(255), y, row
+
+    @cached_property
+    def augment(self) -> BatchAugment:
+        return BatchAugment(self.hparams.policy)
+
+    def load_row(self, r: int) -> np.ndarray:
+        h = self.hparams
+        if self.table.at[r, "synthetic"]:
+            return load_image(self.table.at[r, "id"], h.image_size, h.channels)
+        return self.source.load(int(self.table.at[r, "key"]), h.image_size, h.channels)
+
+    def preview_figure(self, n: int = 32, seed: int = 0) -> plt.Figure:
+        """A grid of training images, half synthetic where there are any, each titled real/synthetic + class."""
+        rng = np.random.default_rng(seed)
+        syn = self.table.loc[self.train_rows, "synthetic"].to_numpy()
+        pick_s = rng.permutation(self.train_rows[syn])[: n // 2]
+        pick_r = rng.permutation(self.train_rows[~syn])[: n - len(pick_s)]
+        rows = np.concatenate([pick_r, pick_s])
+        cols = 8
+        fig, axes = plt.subplots(
+            math.ceil(len(rows) / cols),
+            cols,
+            figsize=(cols * 1.6, math.ceil(len(rows) / cols) * 1.8),
+            squeeze=False,
+        )
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, r in zip(axes.flat, rows, strict=False):
+            img = self.images[r].cpu().numpy() if self.in_memory else self.load_row(int(r))
+            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
+            kind = "synthetic" if self.table.at[r, "synthetic"] else "real"
+            ax.set_title(
+                f"{kind}\n{self.class_names[self.table.at[r, 'label']]}",
+                fontsize=7,
+                color="tab:red" if kind == "synthetic" else "black",
+            )
+        fig.tight_layout()
+        return fig
+
+
+class DeviceBatches:
+    """Batches gathered from a uint8 tensor already on the device; `order(epoch)` gives the rows."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, order, batch_size: int):
+        self.images, self.labels, self.order, self.batch_size = images, labels, order, batch_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.order(self.epoch)) / self.batch_size)
+
+    def __iter__(self):
+        rows = torch.as_tensor(self.order(self.epoch), device=self.images.device)
+        self.epoch += 1
+        for b in rows.split(self.batch_size):
+            yield self.images[b], self.labels[b], b
+
+
+class EpochSampler(Sampler[int]):
+    def __init__(self, order, n: int):
+        self.order, self.n, self.epoch = order, n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        rows = self.order(self.epoch)
+        self.epoch += 1
+        return iter(rows.tolist())
+
+
+class TableDataset(Dataset):
+    def __init__(self, dm: ClassificationData, transform=None):
+        self.dm, self.transform = dm, transform
+        self.labels = dm.table["label"].to_numpy()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, r: int):
+        x = torch.from_numpy(self.dm.load_row(r))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.labels[r]), r
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
