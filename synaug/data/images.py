@@ -29,10 +29,7 @@ class BadImageError(ValueError):
 def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Decode fully (truncation shows only on decode) and return the PIL image in its stored mode."""
     name = name or str(source)
-    if isinstance(source, bytes):
-        data = source
-    else:
-        data = Path(source).read_bytes()
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not data:
         raise BadImageError(f"{name}: empty file (0 bytes)")
     try:

@@ -227,7 +227,7 @@ def _from_csv(path: Path, root: Path) -> ImageSource:
             raise DataError(f"{path}: manifest path escapes the data root {root}: {p}")
         resolved.append(str(full))
     classes = sorted(table["label"].unique())
-    split = table["split"] if "split" in table else ""
+    split = table.get("split", "")
     bad = set(table["split"]) - set(SPLITS) if "split" in table else set()
     if bad:
         raise DataError(f"{path}: unknown split value(s) {sorted(bad)}; use train, val, test")
