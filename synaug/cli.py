@@ -43,7 +43,7 @@ class TrackRun(SaveConfigCallback):
         client, run = logger.experiment, logger.run_id
         client.log_text(run, self.parser.dump(self.config, skip_none=False), "config.yaml")
         client.set_tag(run, "git_commit", git_commit())
-        client.set_tag(run, "stage", stage)
+        client.set_tag(run, "stage", trainer.state.fn.value)
         client.set_tag(run, "model", type(pl_module).__name__)
         dm = trainer.datamodule
         if isinstance(dm, ClassificationData):
@@ -105,23 +105,21 @@ def run_function(fn: Callable, argv: list[str], prog: str):
     return fn(**{k: cfg[k] for k in inspect.signature(fn).parameters})
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     for name, target in COMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
             module, fn = target.split(":")
-            return run_function(
-                getattr(importlib.import_module(module), fn), argv[len(words) :], f"synaug {name}"
-            )
+            run_function(getattr(importlib.import_module(module), fn), argv[len(words) :], f"synaug {name}")
+            return
     if argv in ([], ["-h"], ["--help"]):
         print(
             "usage: synaug {fit,validate,test,predict} -c CONFIG.yaml   (LightningCLI; `synaug fit --help`)\n"
             "       synaug {" + ",".join(COMMANDS) + "} [-c CONFIG.yaml] ...   (`synaug COMMAND --help`)"
         )
-        return None
+        return
     SynAugCLI(args=argv)
-    return None
 
 
 if __name__ == "__main__":

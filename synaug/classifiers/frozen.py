@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -143,7 +144,7 @@ class FeatureClassifier(Classifier):
         return torch.cat(out)
 
     # ---- heads ----
-    def on_train_start(self) -> None:
+    def on_fit_start(self) -> None:
         if self.hparams.head == "ffnn":
             return
         h, dm = self.hparams, self.trainer.datamodule
@@ -160,9 +161,17 @@ class FeatureClassifier(Classifier):
         rows = dm.train_rows
         self.estimator.fit(self.features[rows].cpu().numpy(), dm.table["label"].to_numpy()[rows])
 
+    def on_train_end(self) -> None:
+        # ModelCheckpoint saves only after optimizer steps, and a scikit-learn head takes none: save the fitted
+        # head where the callback would have, and make it the best, so `test(ckpt_path="best")` finds it.
+        cb = self.trainer.checkpoint_callback
+        if self.estimator is not None and cb is not None and not cb.best_model_path:
+            cb.best_model_path = str(Path(cb.dirpath) / f"{self.hparams.head}.ckpt")
+            self.trainer.save_checkpoint(cb.best_model_path)
+
     def training_step(self, batch, batch_idx):
         if self.hparams.head != "ffnn":
-            return None  # fitted in on_train_start; the epoch only walks the data
+            return None  # fitted in on_fit_start; the epoch only walks the data
         _, y, row = batch
         loss = F.cross_entropy(self.ffnn(self.features[row]), y)
         # Keras-style kernel L2 (thesis 1): l2 * sum(w^2), not AdamW's decoupled decay.

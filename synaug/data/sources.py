@@ -225,6 +225,8 @@ def _from_csv(path: Path, root: Path) -> ImageSource:
         full = (root / p).resolve()
         if not full.is_relative_to(root):
             raise DataError(f"{path}: manifest path escapes the data root {root}: {p}")
+        if not full.is_file():
+            raise DataError(f"{path}: manifest names a file that does not exist under {root}: {p}")
         resolved.append(str(full))
     classes = sorted(table["label"].unique())
     split = table.get("split", "")

@@ -16,7 +16,6 @@ class BasicCNN(nn.Module):
         self,
         num_classes: int = 1000,
         in_chans: int = 3,
-        img_size: int = 128,
         channels: tuple[int, int] = (32, 64),
         hidden: tuple[int, int] = (256, 128),
         drop_rate: float = 0.0,

@@ -1,0 +1,318 @@
+"""Training a class-conditional DDPM on the user's own images, as a LightningModule for `synaug fit`.
+
+Objective: epsilon-prediction MSE (DDPM), labels replaced by the null class with probability `p_uncond` so the
+same UNet learns the unconditional prediction classifier-free guidance needs. EMA weights (diffusers' EMAModel,
+with warm-up) are what samples and exports use.
+
+Exact resume: the noise, timesteps and label dropout of each batch come from a generator seeded by
+(seed, global_step, batch_idx, rank) rather than the global RNG, which Lightning does not checkpoint; the EMA
+state travels in the Lightning checkpoint (`on_save_checkpoint`). Resuming from a checkpoint taken at an epoch
+boundary therefore reproduces an uninterrupted run exactly (on deterministic hardware).
+
+Export (`save_pretrained`), beside the Lightning checkpoints at the end of training, or where `export_dir` says:
+
+    unet/                 EMA UNet2DModel: config.json + diffusion_pytorch_model.safetensors
+    scheduler/            the training DDPMScheduler config
+    generator.json        class_names, image_size, channels, run_id, train_set fingerprint, global_step, git commit
+    train_ids.txt         the real item ids the generator learned from, one a line
+
+Provenance contract: the module records `trainer.datamodule.train_ids` (a list of str: the ids of the real
+images in the training set it is given) at the start of fit; without it the export records no training set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as L
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities import rank_zero_only
+from torchvision.utils import make_grid
+
+from synaug.data.synthetic import train_set_fingerprint
+from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
+from synaug.tracking import git_commit, log_figure
+
+log = logging.getLogger(__name__)
+
+
+class ClassConditionalDiffusion(L.LightningModule):
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        image_size: int,
+        class_names: list[str] | None = None,
+        preset: Literal["tiny", "small", "base", "large"] = "base",
+        unet_kwargs: dict[str, Any] | None = None,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "squaredcos_cap_v2",
+        p_uncond: float = 0.1,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.95, 0.999),
+        weight_decay: float = 1e-6,
+        warmup_steps: int = 500,
+        lr_schedule: Literal["constant_with_warmup", "cosine", "linear"] = "constant_with_warmup",
+        ema_decay: float = 0.999,
+        ema_power: float = 0.75,
+        seed: int = 0,
+        sample_every: int = 1000,
+        sample_per_class: int = 8,
+        sample_scheduler: SamplerName = "ddim",
+        sample_steps: int = 50,
+        guidance_scale: float = 2.0,
+        export_dir: str | None = None,
+    ):
+        """
+        Args:
+            num_classes, in_chans, image_size, class_names: from the data module (linked by the CLI).
+            preset: UNet size, see `synaug.generators.diffusion.PRESETS` (`base`: 26.6M parameters).
+            unet_kwargs: UNet2DModel arguments that replace the preset's (e.g. `block_out_channels`).
+            num_train_timesteps, beta_schedule: the DDPM noise schedule.
+            p_uncond: probability of training a sample with the null class (classifier-free guidance).
+            lr, betas, weight_decay: AdamW; the learning rate warms up linearly over `warmup_steps`.
+            lr_schedule: after warm-up: constant, or cosine / linear decay to 0 at the last step.
+            ema_decay, ema_power: EMA decay ceiling and warm-up power (decay = 1 - (1 + step)^-power; with 3/4
+                it reaches 0.999 at 10k steps).
+            seed: seeds the per-step noise, timesteps and label dropout.
+            sample_every: log a grid of EMA samples to MLflow every this many optimizer steps (0: never), at
+                fixed noise and labels (`sample_per_class` per class, `sample_scheduler`, `sample_steps`,
+                `guidance_scale`), so grids are comparable across steps.
+            export_dir: where `save_pretrained` writes at the end of training (default: `generator/` beside
+                the Lightning checkpoints folder).
+        """
+        super().__init__()
+        class_names = class_names or [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names {class_names} for {num_classes} classes")
+        if not 0 <= p_uncond < 1:
+            raise ValueError(f"p_uncond must lie in [0, 1); got {p_uncond}")
+        self.save_hyperparameters()
+        self.class_names = class_names
+        self.unet = build_unet(num_classes, in_chans, image_size, preset, **(unet_kwargs or {}))
+        self.noise_scheduler = noise_scheduler(num_train_timesteps, beta_schedule)
+        # EMAModel is not an nn.Module: its device follows the model's in on_fit_start / on_load_checkpoint,
+        # its state goes into the Lightning checkpoint in on_save_checkpoint.
+        self.ema = EMAModel(
+            self.unet.parameters(),
+            decay=ema_decay,
+            use_ema_warmup=True,
+            inv_gamma=1.0,
+            power=ema_power,
+            foreach=True,
+        )
+        self.train_ids: list[str] = []
+        self.run_id = ""
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y, _ = batch
+        hp = self.hparams
+        if x.shape[1:] != (hp.in_chans, hp.image_size, hp.image_size):
+            raise ValueError(
+                f"batch images have shape {tuple(x.shape[1:])}; the model was built for "
+                f"{(hp.in_chans, hp.image_size, hp.image_size)}"
+            )
+        seed = np.random.SeedSequence(
+            [hp.seed, self.global_step, batch_idx, self.global_rank]
+        ).generate_state(1)[0]
+        g = torch.Generator(self.device).manual_seed(int(seed))
+        x0 = pad_to(x * 2 - 1, self.unet.config.sample_size)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        t = torch.randint(0, hp.num_train_timesteps, (len(x0),), generator=g, device=self.device)
+        uncond = torch.rand(len(y), generator=g, device=self.device) < hp.p_uncond
+        labels = torch.where(uncond, null_class(self.unet), y)
+        eps = self.unet(self.noise_scheduler.add_noise(x0, noise, t), t, class_labels=labels).sample
+        loss = F.mse_loss(eps.float(), noise)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(
+            self.unet.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
+        )
+        sched = get_scheduler(
+            hp.lr_schedule,
+            opt,
+            num_warmup_steps=hp.warmup_steps,
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # Here rather than in on_train_batch_end: once per optimizer step, also under gradient accumulation.
+        super().optimizer_step(*args, **kwargs)
+        self.ema.step(self.unet.parameters())
+        # The EMA's step count, not global_step: Lightning increments that only after this hook returns.
+        every, step = self.hparams.sample_every, self.ema.optimization_step
+        if every and step % every == 0 and isinstance(self.logger, MLFlowLogger):
+            self._log_samples(step)
+
+    def on_fit_start(self) -> None:
+        self.ema.to(self.device)
+        ids = getattr(self.trainer.datamodule, "train_ids", None)
+        if ids is None:
+            log.warning("the data module has no `train_ids`: the generator's training set goes unrecorded")
+            ids = []
+        # A union, not a replacement: a generator fine-tuned on a second training set (one class after all
+        # classes) has learned from both. Resuming on the same set leaves it unchanged.
+        self.train_ids = list(dict.fromkeys(self.train_ids + [str(i) for i in ids]))
+        self.run_id = self.logger.run_id if isinstance(self.logger, MLFlowLogger) else ""
+
+    @rank_zero_only
+    def on_train_end(self) -> None:
+        self.save_pretrained(self.export_dir())
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["ema"] = self.ema.state_dict()
+        checkpoint["generator"] = {"train_ids": self.train_ids, "run_id": self.run_id}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.ema.load_state_dict(checkpoint["ema"])
+        self.ema.to(self.device)
+        self.train_ids = checkpoint["generator"]["train_ids"]
+        self.run_id = checkpoint["generator"]["run_id"]
+
+    def ema_unet(self) -> UNet2DModel:
+        """A copy of the UNet holding the EMA weights, on the CPU."""
+        unet = UNet2DModel.from_config(self.unet.config)
+        self.ema.copy_to(unet.parameters())
+        return unet.eval()
+
+    def export_dir(self) -> Path:
+        if self.hparams.export_dir:
+            return Path(self.hparams.export_dir)
+        ckpt = self.trainer.checkpoint_callback
+        if ckpt is not None and ckpt.dirpath:
+            return Path(ckpt.dirpath).parent / "generator"
+        return Path(self.trainer.default_root_dir) / "generator"
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        """Write the EMA UNet (safetensors), the noise schedule and the provenance files into `folder`."""
+        folder = Path(folder)
+        self.ema_unet().save_pretrained(folder / "unet", safe_serialization=True)
+        self.noise_scheduler.save_pretrained(folder / "scheduler")
+        (folder / "train_ids.txt").write_text("\n".join(self.train_ids))
+        meta = dict(
+            class_names=self.class_names,
+            image_size=self.hparams.image_size,
+            channels=self.hparams.in_chans,
+            run_id=self.run_id,
+            train_set=train_set_fingerprint(self.train_ids) if self.train_ids else "",
+            global_step=self.global_step,
+            git_commit=git_commit(),
+        )
+        (folder / "generator.json").write_text(json.dumps(meta, indent=2))
+        log.info("exported the EMA generator to %s", folder)
+        return folder
+
+    @rank_zero_only
+    def _log_samples(self, step: int) -> None:
+        hp = self.hparams
+        labels = [c for c in range(hp.num_classes) for _ in range(hp.sample_per_class)]
+        self.ema.store(self.unet.parameters())
+        self.ema.copy_to(self.unet.parameters())
+        images = sample(
+            self.unet,
+            labels,
+            seeds=0,
+            scheduler=hp.sample_scheduler,
+            steps=hp.sample_steps,
+            guidance_scale=hp.guidance_scale,
+            image_size=hp.image_size,
+            train_schedule=self.noise_scheduler,
+        )
+        self.ema.restore(self.unet.parameters())
+        fig = sample_grid(images, self.class_names)
+        fig.suptitle(
+            f"EMA samples, step {step}, {hp.sample_scheduler} {hp.sample_steps} steps, "
+            f"guidance {hp.guidance_scale}"
+        )
+        log_figure(self.logger.experiment, self.logger.run_id, fig, f"samples/step_{step:07d}.png")
+
+
+def sample_grid(images: torch.Tensor, class_names: list[str]) -> plt.Figure:
+    """One row per class of uint8 images (N, C, H, W), N a multiple of the number of classes, in class order."""
+    rows = images.chunk(len(class_names))
+    fig, axes = plt.subplots(len(rows), 1, figsize=(len(rows[0]) * 1.2, len(rows) * 1.3), squeeze=False)
+    for ax, row, name in zip(axes[:, 0], rows, class_names, strict=True):
+        ax.imshow(make_grid(row, nrow=len(row), pad_value=255).permute(1, 2, 0).numpy())
+        ax.set_ylabel(name, rotation=0, ha="right", va="center")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+@dataclass
+class GeneratorMeta:
+    class_names: list[str]
+    image_size: int
+    channels: int
+    run_id: str
+    train_ids: list[str]
+    noise_schedule: dict[str, Any]  # the training DDPMScheduler config
+    checkpoint: str  # sha256 of the weights file: the safetensors of an export, or the .ckpt
+
+
+def load_generator(path: str | Path) -> tuple[UNet2DModel, GeneratorMeta]:
+    """Load the EMA UNet and its metadata from an export folder (primary) or a Lightning `.ckpt`.
+
+    Both load without unpickling code: safetensors for an export, `weights_only=True` for a checkpoint.
+    """
+    path = Path(path)
+    if path.is_dir():
+        weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"{path}: not a generator export (no unet/diffusion_pytorch_model.safetensors)"
+            )
+        unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
+        info = json.loads((path / "generator.json").read_text())
+        ids = (path / "train_ids.txt").read_text()
+        meta = GeneratorMeta(
+            class_names=info["class_names"],
+            image_size=info["image_size"],
+            channels=info["channels"],
+            run_id=info["run_id"],
+            train_ids=ids.split("\n") if ids else [],
+            noise_schedule=dict(DDPMScheduler.load_config(path / "scheduler")),
+            checkpoint=sha256(weights),
+        )
+    elif path.suffix == ".ckpt":
+        module = ClassConditionalDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+        unet = module.ema_unet()
+        meta = GeneratorMeta(
+            class_names=module.class_names,
+            image_size=module.hparams.image_size,
+            channels=module.hparams.in_chans,
+            run_id=module.run_id,
+            train_ids=module.train_ids,
+            noise_schedule=dict(module.noise_scheduler.config),
+            checkpoint=sha256(path),
+        )
+    else:
+        raise FileNotFoundError(f"{path}: expected a generator export folder or a Lightning .ckpt file")
+    return unet.eval(), meta
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

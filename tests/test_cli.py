@@ -1,0 +1,115 @@
+"""`synaug fit/test` end to end: the shipped configs, MLflow provenance, and config typos."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from synaug.cli import SynAugCLI, main
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "classifiers").glob("*.yaml"))
+
+
+def _small(npz) -> list[str]:
+    return [
+        "--data.root",
+        str(npz),
+        "--data.image_size",
+        "32",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.enable_progress_bar",
+        "false",
+    ]
+
+
+def test_six_classifiers_ship_a_config_each():
+    assert {c.stem for c in CONFIGS} == {"ffnn", "svc", "logreg", "basic_cnn", "resnet18", "vit"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.stem)
+def test_every_classifier_config_instantiates(config, breast_npz):
+    extra = ["--model.init_args.model_kwargs", "{img_size: 32}"] if config.stem == "vit" else []
+    cli = SynAugCLI(args=["-c", str(config), *_small(breast_npz), *extra], run=False)
+    assert cli.model.hparams.num_classes == 2 and cli.model.hparams.in_chans == 1  # linked from the data
+    assert cli.model.hparams.class_names == ["malignant", "normal_benign"]
+
+
+def _runs(experiment: str):
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(
+        [
+            "fit",
+            "-c",
+            str(CONFIGS[0].parent / "basic_cnn.yaml"),
+            *_small(breast_npz),
+            "--trainer.logger.init_args.experiment_name",
+            "cli-test",
+        ]
+    )
+    client, runs = _runs("cli-test")
+    run = runs[-1]
+    assert {
+        "train/loss_epoch",
+        "val/f1_macro",
+        "val/acc",
+        "test/acc",
+        "test/f1_macro",
+        "test/cross_entropy",
+        "test/recall/malignant",
+        "test/auroc",
+    } <= set(run.data.metrics)
+    assert run.data.tags["data.fingerprint"] and run.data.tags["git_commit"]
+    assert run.data.params["backbone"] == "basic_cnn" and run.data.params["image_size"] == "32"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    arts |= {a.path for d in ("data", "test") for a in client.list_artifacts(run.info.run_id, d)}
+    assert {"config.yaml", "data/train_grid.png", "data/counts.csv", "test/confusion_matrix.png"} <= arts
+    config = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "basic_cnn" in config and str(breast_npz) in config
+
+
+def test_svc_fit_then_test_from_its_checkpoint(breast_npz, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "-c",
+        str(CONFIGS[0].parent / "svc.yaml"),
+        *_small(breast_npz),
+        "--model.init_args.backbone",
+        "basic_cnn",
+        "--trainer.logger.init_args.experiment_name",
+        "cli-svc",
+    ]
+    main(["fit", *args])
+    client, runs = _runs("cli-svc")
+    fitted = runs[-1]
+    ckpt = next(Path("outputs").rglob("*.ckpt"))
+    main(["test", *args, "--ckpt_path", str(ckpt)])
+    _, runs = _runs("cli-svc")
+    tested = runs[-1]
+    assert tested.info.run_id != fitted.info.run_id and tested.data.tags["stage"] == "test"
+    assert tested.data.metrics["test/acc"] == pytest.approx(fitted.data.metrics["test/acc"])
+
+
+@pytest.mark.parametrize("typo", [["--data.image_sise", "32"], ["--model.init_args.backbon", "resnet18"]])
+def test_a_config_key_typo_names_the_key(typo, breast_npz, capsys):
+    with pytest.raises(SystemExit):
+        SynAugCLI(
+            args=["-c", str(CONFIGS[0].parent / "resnet18.yaml"), *_small(breast_npz), *typo], run=False
+        )
+    assert typo[0].rsplit(".", 1)[-1] in capsys.readouterr().err
+
+
+def test_a_typo_inside_a_yaml_file_names_the_key(breast_npz, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text((CONFIGS[0].parent / "resnet18.yaml").read_text().replace("batch_size:", "bach_size:"))
+    with pytest.raises(SystemExit):
+        SynAugCLI(args=["-c", str(bad), "--data.root", str(breast_npz)], run=False)
+    assert "bach_size" in capsys.readouterr().err
