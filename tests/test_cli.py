@@ -113,3 +113,10 @@ def test_a_typo_inside_a_yaml_file_names_the_key(breast_npz, tmp_path, capsys):
     with pytest.raises(SystemExit):
         SynAugCLI(args=["-c", str(bad), "--data.root", str(breast_npz)], run=False)
     assert "bach_size" in capsys.readouterr().err
+
+
+def test_data_audit_command(breast_npz, tmp_path, capsys):
+    main(["data", "audit", str(breast_npz), "--report", str(tmp_path / "audit.json")])
+    out = capsys.readouterr().out
+    assert "780 images, 2 classes" in out and "1 groups with conflicting labels" in out
+    assert '"imbalance_ratio"' in (tmp_path / "audit.json").read_text()

@@ -41,7 +41,7 @@ def toy_model() -> nn.Module:
     """A small basic_cnn trained to tell images with the planted patch (class 1) from plain noise (class 0)."""
     torch.manual_seed(0)
     model = create_backbone(
-        "basic_cnn", num_classes=2, in_chans=1, img_size=SIZE, channels=(8, 16), hidden=(32, 16)
+        "basic_cnn", num_classes=2, in_chans=1, channels=(8, 16), hidden=(32, 16)
     )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(40):
@@ -61,7 +61,7 @@ def toy_model() -> nn.Module:
     "name, kwargs",
     [
         ("resnet10t", {}),
-        ("basic_cnn", {"img_size": 64, "channels": (8, 16), "hidden": (32, 16)}),
+        ("basic_cnn", {"channels": (8, 16), "hidden": (32, 16)}),
         ("vit_tiny_patch16_224", {"img_size": (48, 64), "depth": 2}),
     ],
 )
@@ -81,7 +81,7 @@ def test_gradcam_maps_have_input_size(name, kwargs):
 def test_cnn_target_layers():
     resnet = create_backbone("resnet10t", num_classes=2)
     assert target_layers(resnet) == ([resnet.layer4[-1]], None)
-    cnn = create_backbone("basic_cnn", num_classes=2, img_size=32)
+    cnn = create_backbone("basic_cnn", num_classes=2)
     assert target_layers(cnn) == ([cnn.features[5]], None)  # the last conv block's max-pool, not the 8x8 pool
 
 
