@@ -297,7 +297,7 @@ class ClassificationData(L.LightningDataModule):
 
     def _dataloader(self, sampler, batch_size, transform=None) -> DataLoader:
         workers = os.cpu_count() if self.hparams.num_workers is None else self.hparams.num_workers
-        ds = TableDataset(self, transform)
+        ds = self._dataset(transform)
         return DataLoader(
             ds,
             batch_size=batch_size,
@@ -318,10 +318,13 @@ class ClassificationData(L.LightningDataModule):
         return BatchAugment(self.hparams.policy)
 
     def load_row(self, r: int) -> np.ndarray:
-        h = self.hparams
-        if self.table.at[r, "synthetic"]:
-            return load_image(self.table.at[r, "id"], h.image_size, h.channels)
-        return self.source.load(int(self.table.at[r, "key"]), h.image_size, h.channels)
+        """Row `r` of the table as (channels, size, size) uint8, from memory or from disk."""
+        return self.images[r].cpu().numpy() if self.in_memory else self._dataset().load(r)
+
+    def _dataset(self, transform=None) -> TableDataset:
+        return TableDataset(
+            self.source, self.table, self.hparams.image_size, self.hparams.channels, transform
+        )
 
     def preview_figure(self, n: int = 32, seed: int = 0) -> plt.Figure:
         """A grid of training images, half synthetic where there are any, each titled real/synthetic + class."""
@@ -340,7 +343,7 @@ class ClassificationData(L.LightningDataModule):
         for ax in axes.flat:
             ax.axis("off")
         for ax, r in zip(axes.flat, rows, strict=False):
-            img = self.images[r].cpu().numpy() if self.in_memory else self.load_row(int(r))
+            img = self.load_row(int(r))
             ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
             kind = "synthetic" if self.table.at[r, "synthetic"] else "real"
             ax.set_title(
@@ -383,15 +386,26 @@ class EpochSampler(Sampler[int]):
 
 
 class TableDataset(Dataset):
-    def __init__(self, dm: ClassificationData, transform=None):
-        self.dm, self.transform = dm, transform
-        self.labels = dm.table["label"].to_numpy()
+    """Rows of the data table read from disk; holds only what a worker needs (not the DataModule, whose
+    trainer would otherwise be pickled into every worker under the spawn start method)."""
+
+    def __init__(
+        self, source: ImageSource, table: pd.DataFrame, image_size: int, channels: int, transform=None
+    ):
+        self.source, self.size, self.channels, self.transform = source, image_size, channels, transform
+        self.ids, self.keys = table["id"].tolist(), table["key"].to_numpy()
+        self.synthetic, self.labels = table["synthetic"].to_numpy(), table["label"].to_numpy()
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def load(self, r: int) -> np.ndarray:
+        if self.synthetic[r]:
+            return load_image(self.ids[r], self.size, self.channels)
+        return self.source.load(int(self.keys[r]), self.size, self.channels)
+
     def __getitem__(self, r: int):
-        x = torch.from_numpy(self.dm.load_row(r))
+        x = torch.from_numpy(self.load(r))
         if self.transform is not None:
             x = self.transform(x)
         return x, int(self.labels[r]), r
