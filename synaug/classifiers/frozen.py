@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -54,7 +55,7 @@ class FeatureClassifier(Classifier):
         """
         Args:
             head: `ffnn` (hidden ReLU layers, L2 penalty `l2`, Adam `lr`; epochs and early stopping come from
-                the trainer config), `svc` (RBF, `svc_c`, `svc_gamma`, `svc_tol`, Platt probabilities) or
+                the trainer config), `svc` (RBF, `svc_c`, `svc_gamma`, `svc_tol`, Platt-scaled probabilities) or
                 `logreg` (elastic-net, saga, `logreg_c`, `l1_ratio`, `max_iter`).
             backbone, pretrained, checkpoint_path: the frozen feature extractor (timm name). Random weights are
                 drawn from a fixed seed so that their features, and the cache, are reproducible.
@@ -149,9 +150,10 @@ class FeatureClassifier(Classifier):
             return
         h, dm = self.hparams, self.trainer.datamodule
         if h.head == "svc":
-            est = SVC(
-                C=h.svc_c, kernel="rbf", gamma=h.svc_gamma, tol=h.svc_tol, probability=True, random_state=0
-            )
+            # Platt-scaled probabilities (for cross-entropy and AUROC); scikit-learn >= 1.9 spells SVC's old
+            # probability=True this way.
+            svc = SVC(C=h.svc_c, kernel="rbf", gamma=h.svc_gamma, tol=h.svc_tol, random_state=0)
+            est = CalibratedClassifierCV(svc, method="sigmoid", ensemble=False)
         else:
             # 0 < l1_ratio < 1 is the elastic net (scikit-learn >= 1.8 takes the penalty from l1_ratio alone).
             est = LogisticRegression(
