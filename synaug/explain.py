@@ -10,16 +10,23 @@ class and set, scores how alike the two mean maps are, and draws and logs the fi
 
 Models are plain nn.Modules (a timm ResNet or ViT, or the basic CNN); images are float tensors (N, C, H, W)
 normalised as the model expects. For the basic CNN pass `method="hirescam"` (see `gradcam`).
+
+`synaug explain -c configs/explain/example.yaml` does it for a trained `ImageClassifier` checkpoint: n real
+images of each class from a real split against n synthetic images of the class from synthetic folders, logged
+to MLflow (`explain`); `explain_checkpoint` is the same without the logging, for notebooks.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn as nn
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
@@ -28,6 +35,13 @@ from scipy.ndimage import gaussian_filter
 from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
+from synaug import tracking
+from synaug.classifiers.finetune import ImageClassifier
+from synaug.data import ClassificationData
+from synaug.data.images import load_image
+from synaug.data.sources import SPLITS
+from synaug.data.synthetic import read_synthetic
+from synaug.models.backbones import normalization
 from synaug.models.basic_cnn import BasicCNN
 from synaug.tracking import log_figure
 
@@ -307,3 +321,227 @@ def log_explanations(
         client.log_metric(run_id, f"explain/similarity/{name}", s["pearson"])
         client.log_metric(run_id, f"explain/cosine/{name}", s["cosine"])
         client.log_metric(run_id, f"explain/ssim/{name}", s["ssim"])
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+
+def load_classifier(checkpoint: str | Path, weights_only: bool = True) -> ImageClassifier:
+    """An `ImageClassifier` from its Lightning checkpoint, in eval mode on the CPU.
+
+    The backbone is rebuilt without fetching pretrained weights (the checkpoint holds the trained ones, and an
+    offline machine has no hub), but keeps the normalisation it was trained with, which `ImageClassifier` takes
+    from the pretrained config when it started from pretrained weights. Not `load_from_checkpoint`: its first
+    parameter is also named `checkpoint_path`, so it cannot override the hyperparameter of that name.
+    `weights_only=False` unpickles arbitrary objects: only for checkpoints you trust.
+    """
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
+    hp = ckpt["hyper_parameters"]
+    init = inspect.signature(ImageClassifier).parameters  # LightningCLI adds keys such as `_class_path`
+    kwargs = {k: v for k, v in hp.items() if k in init}
+    model = ImageClassifier(**kwargs | {"pretrained": False, "checkpoint_path": None, "compile": False})
+    # A compiled net was saved under `_orig_mod.`.
+    model.load_state_dict({k.replace("net._orig_mod.", "net."): v for k, v in ckpt["state_dict"].items()})
+    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    model.mean, model.std = normalization(model.net, pretrained, hp["in_chans"])
+    return model.eval()
+
+
+def resolve_method(net: nn.Module, method: str) -> str:
+    """`auto` is HiResCAM for the basic CNN and Grad-CAM for everything else; other names pass through.
+
+    The basic CNN's head flattens its last feature map into fully connected layers, so each position has its
+    own weights, and Grad-CAM's gradients averaged over space can miss (or cancel) what the model used; HiResCAM
+    keeps the gradient per position and is exact there. A timm ResNet global-average-pools its last block, where
+    the two give the same maps, and Grad-CAM is the method readers know (see `gradcam`).
+    """
+    if method != "auto":
+        return method
+    return "hirescam" if isinstance(net, BasicCNN) else "gradcam"
+
+
+def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
+    """Up to `n` of `items`, drawn without replacement, in their original order."""
+    return [items[i] for i in sorted(rng.choice(len(items), min(n, len(items)), replace=False))]
+
+
+def explain_checkpoint(
+    checkpoint: str | Path,
+    data: dict | str,
+    synthetic: list[str] | None = None,
+    classes: list[str] | None = None,
+    n: int = 16,
+    method: str = "auto",
+    score: str = "log_odds",
+    split: str = "test",
+    seed: int = 0,
+    batch_size: int = 32,
+    weights_only: bool = True,
+    device: str | None = None,
+) -> tuple[list[dict], list[str]]:
+    """`compare_real_synthetic` for each class of a trained classifier: returns the results and the class names.
+
+    Arguments as in `explain`. Each result also holds `real_ids` / `synthetic_files` (the images explained) and
+    `real_acc` / `synthetic_acc`, the share of those images the classifier assigns to the class: maps of images
+    the model does not recognise as the class say less about what it looks for in that class.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    model = load_classifier(checkpoint, weights_only)
+    hp = model.hparams
+    # The images as the model was trained on them: its size and channels, unless the data says otherwise.
+    args = {"image_size": hp.image_size, "channels": hp.in_chans} | (
+        {"root": data} if isinstance(data, str) else dict(data)
+    )
+    if args["channels"] != hp.in_chans:
+        raise ValueError(f"data has {args['channels']} channel(s) but {checkpoint} takes {hp.in_chans}")
+    folders = synthetic or args.get("synthetic")
+    if not folders:
+        raise ValueError("no synthetic folders: pass `synthetic` (or `synthetic` in `data`)")
+    dm = ClassificationData(**args)
+    dm.setup()
+    names = dm.class_names
+    if hp.class_names and list(hp.class_names) != names:
+        raise ValueError(f"{checkpoint} was trained on classes {list(hp.class_names)}, the data has {names}")
+    pooled = pd.concat([read_synthetic(f, names).items for f in folders], ignore_index=True)
+    classes = classes or [c for c in names if c in set(pooled["class"])]
+    unknown = sorted(set(classes) - set(names))
+    if unknown:
+        raise ValueError(f"classes {unknown} are not among the data's classes {names}")
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    rng = np.random.default_rng(seed)
+    table = dm.table
+    results = []
+    for c in classes:
+        label = names.index(c)
+        rows = np.flatnonzero((table["split"] == split) & (table["label"] == label) & ~table["synthetic"])
+        files = pooled.loc[pooled["class"] == c, "file"].tolist()
+        if len(rows) == 0 or not files:
+            raise ValueError(
+                f"class '{c}': {len(rows)} real '{split}' image(s) and {len(files)} synthetic; need both"
+            )
+        rows, files = _pick(rows.tolist(), n, rng), _pick(files, n, rng)
+        real = torch.from_numpy(np.stack([dm.load_row(r) for r in rows]))
+        fake = torch.from_numpy(
+            np.stack([load_image(f, args["image_size"], args["channels"]) for f in files])
+        )
+        # Normalised exactly as ImageClassifier.forward does, so that model.net sees what it was trained on.
+        real, fake = ((x.to(device).float() / 255 - model.mean) / model.std for x in (real, fake))
+        result = compare_real_synthetic(
+            model.net, real, fake, label, resolve_method(model.net, method), score, batch_size
+        )
+        with torch.no_grad():
+            real_acc, synthetic_acc = (
+                (model.net(x).argmax(1) == label).float().mean().item() for x in (real, fake)
+            )
+        result |= {
+            "real_ids": table["id"].iloc[rows].tolist(),
+            "synthetic_files": files,
+            "real_acc": real_acc,
+            "synthetic_acc": synthetic_acc,
+        }
+        results.append(result)
+    return results, names
+
+
+def similarity_table(results: Sequence[dict], class_names: Sequence[str]) -> pd.DataFrame:
+    """One row per class: images explained, how many the model assigns to the class, and the map similarity."""
+    return pd.DataFrame(
+        [
+            {
+                "class": class_names[r["class_index"]],
+                "method": r["method"],
+                "n_real": len(r["real_maps"]),
+                "n_synthetic": len(r["synthetic_maps"]),
+                "real_acc": r["real_acc"],
+                "synthetic_acc": r["synthetic_acc"],
+                **r["similarity"],
+            }
+            for r in results
+        ]
+    ).set_index("class")
+
+
+def explain(
+    checkpoint: str,
+    data: dict | str,
+    synthetic: list[str] | None = None,
+    classes: list[str] | None = None,
+    n: int = 16,
+    method: str = "auto",
+    score: str = "log_odds",
+    split: str = "test",
+    seed: int = 0,
+    batch_size: int = 32,
+    weights_only: bool = True,
+    device: str | None = None,
+    experiment: str = "explain",
+    run_name: str | None = None,
+    tracking_uri: str | None = None,
+) -> pd.DataFrame:
+    """Grad-CAM of a trained classifier on real vs synthetic images of each class, printed and logged to MLflow.
+
+    Args:
+        checkpoint: a Lightning checkpoint of an `ImageClassifier` (`synaug fit`).
+        data: the real data: `ClassificationData` arguments (a mapping, as under `data:` in a training config)
+            or just its root. Image size and channels default to the classifier's.
+        synthetic: synthetic folders with their manifest.csv (default: `synthetic` in `data`).
+        classes: the classes to explain (default: every class with synthetic images).
+        n: real and synthetic images per class (fewer where a class has fewer), drawn with `seed`.
+        method: `auto` (HiResCAM for the basic CNN, whose flattening head Grad-CAM does not fit; Grad-CAM
+            otherwise: see `resolve_method`) or a pytorch-grad-cam method (`gradcam`, `hirescam`, ...).
+        score: what the maps explain: `log_odds` of the class (default) or its raw `logit` (see `gradcam`).
+        split: the real split the real images come from.
+        seed: seed of the image draw.
+        batch_size: images per Grad-CAM batch.
+        weights_only: load the checkpoint without unpickling arbitrary objects (see `load_classifier`).
+        device: where to run (default: CUDA when present).
+        experiment: MLflow experiment name.
+        run_name: MLflow run name.
+        tracking_uri: MLflow tracking URI (default: `synaug.tracking.tracking_uri()`).
+
+    Logs per class `explain/<class>/overlays.png` and `explain/<class>/mean_maps.png`, metrics
+    `explain/{similarity,cosine,ssim,real_acc,synthetic_acc}/<class>` and the table `explain/similarity.csv`.
+    Returns the table (one row per class).
+    """
+    results, names = explain_checkpoint(
+        checkpoint, data, synthetic, classes, n, method, score, split, seed, batch_size, weights_only, device
+    )
+    table = similarity_table(results, names)
+    print(f"Grad-CAM of {checkpoint} on '{split}' real vs synthetic images (mean maps; {score}):")
+    print(table.to_string(float_format="{:.3f}".format))
+
+    uri = tracking.tracking_uri(tracking_uri)
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = (
+        exp.experiment_id
+        if exp
+        else client.create_experiment(experiment, artifact_location=tracking.artifact_location(uri))
+    )
+    run_id = client.create_run(
+        exp_id, run_name=run_name, tags={"synaug.command": "explain", "synaug.commit": tracking.git_commit()}
+    ).info.run_id
+    params = dict(
+        checkpoint=checkpoint,
+        data=data,
+        synthetic=synthetic,
+        classes=list(table.index),
+        n=n,
+        method=table["method"].iloc[0],
+        score=score,
+        split=split,
+        seed=seed,
+    )
+    for key, value in params.items():
+        client.log_param(run_id, key, value)
+    log_explanations(client, run_id, results, names)
+    for c, row in table.iterrows():
+        client.log_metric(run_id, f"explain/real_acc/{c}", row["real_acc"])
+        client.log_metric(run_id, f"explain/synthetic_acc/{c}", row["synthetic_acc"])
+    client.log_text(run_id, table.to_csv(), "explain/similarity.csv")
+    client.set_terminated(run_id)
+    print(f"MLflow run {run_id} ({uri})")
+    return table

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from synaug.classifiers.base import Classifier
-from synaug.models import create_backbone
+from synaug.models.backbones import create_backbone, normalization
 
 
 class ImageClassifier(Classifier):
@@ -44,13 +44,9 @@ class ImageClassifier(Classifier):
             in_chans=in_chans,
             **(model_kwargs or {}),
         )
-        # Pretrained weights expect their own normalisation; from scratch, [-1, 1] is as good as any.
-        cfg = self.net.pretrained_cfg if (pretrained or checkpoint_path) else {"mean": (0.5,), "std": (0.5,)}
-        mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
-        if in_chans != len(mean):
-            mean, std = mean.mean().repeat(in_chans), std.mean().repeat(in_chans)
-        self.register_buffer("mean", mean.view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", std.view(1, -1, 1, 1), persistent=False)
+        mean, std = normalization(self.net, bool(pretrained or checkpoint_path), in_chans)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         self.optimizer, self.scheduler = optimizer, scheduler
 
     def configure_model(self):

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from synaug.cache import cached_tensors
 from synaug.classifiers.base import Classifier
-from synaug.models import create_backbone, weights_id
+from synaug.models.backbones import create_backbone, normalization, weights_id
 
 
 class FeatureClassifier(Classifier):
@@ -129,15 +129,7 @@ class FeatureClassifier(Classifier):
             )
         device = self.trainer.strategy.root_device
         net.eval().to(device)
-        cfg = net.pretrained_cfg if (h.pretrained or h.checkpoint_path) else {"mean": (0.5,), "std": (0.5,)}
-        mean = (
-            torch.tensor(cfg["mean"]).mean()
-            if h.in_chans == 1
-            else torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-        )
-        std = (
-            torch.tensor(cfg["std"]).mean() if h.in_chans == 1 else torch.tensor(cfg["std"]).view(1, -1, 1, 1)
-        )
+        mean, std = normalization(net, bool(h.pretrained or h.checkpoint_path), h.in_chans)
         out = []
         for b in tqdm(images.split(h.feature_batch_size), desc=f"features ({h.backbone})"):
             x = (b.to(device).float() / 255 - mean.to(device)) / std.to(device)

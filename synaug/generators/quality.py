@@ -40,7 +40,7 @@ from synaug import tracking
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS, load_source
 from synaug.data.synthetic import read_synthetic
-from synaug.models.backbones import WeightsUnavailableError, create_backbone, weights_id
+from synaug.models.backbones import WeightsUnavailableError, create_backbone, normalization, weights_id
 from synaug.tracking import plt  # with the headless backend tracking selects
 
 log = logging.getLogger(__name__)
@@ -66,8 +66,8 @@ class ImageFeatures(nn.Module):
         name: str,
         in_chans: int,
         num_features: int,
-        mean: tuple[float, ...] | None = None,
-        std: tuple[float, ...] | None = None,
+        mean: torch.Tensor | None = None,
+        std: torch.Tensor | None = None,
         size: int | None = None,
     ):
         super().__init__()
@@ -78,8 +78,8 @@ class ImageFeatures(nn.Module):
         self.size = size
         self.normalize = mean is not None
         if self.normalize:
-            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +138,7 @@ def backbone_features(
         name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0, in_chans=in_chans
     )
     cfg = timm.data.resolve_model_data_config(model)
-    mean, std = _per_channel(cfg["mean"], in_chans), _per_channel(cfg["std"], in_chans)
+    mean, std = normalization(model, True, in_chans)
     # The weights (hub or their local copy) were trained at the model's input size and statistics; the
     # project's own classifiers, trained at their own size, go through `classifier_features`.
     size = cfg["input_size"][-1]
@@ -176,9 +176,7 @@ def classifier_features(checkpoint_path: str | Path) -> ImageFeatures:
     if missing:
         raise ValueError(f"{path}: backbone '{hp['backbone']}' weights lack {sorted(missing)[:5]}")
     model.load_state_dict({k: weights[k] for k in model.state_dict()})  # the classifier head is left out
-    pretrained = hp.get("pretrained") or hp.get("checkpoint_path")
-    cfg = model.pretrained_cfg if pretrained else {"mean": (0.5,), "std": (0.5,)}
-    mean, std = _per_channel(cfg["mean"], hp["in_chans"]), _per_channel(cfg["std"], hp["in_chans"])
+    mean, std = normalization(model, bool(hp.get("pretrained") or hp.get("checkpoint_path")), hp["in_chans"])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return ImageFeatures(
         model,
@@ -189,11 +187,6 @@ def classifier_features(checkpoint_path: str | Path) -> ImageFeatures:
         std,
         size=hp["image_size"],
     )
-
-
-def _per_channel(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
-    # timm lists RGB statistics; a grey model (its first conv summed over RGB by timm) sees their average.
-    return tuple(values) if len(values) == in_chans else (sum(values) / len(values),) * in_chans
 
 
 def feature_extractor(

@@ -12,6 +12,7 @@ import hashlib
 from pathlib import Path
 
 import timm
+import torch
 import torch.nn as nn
 
 import synaug.models.basic_cnn  # noqa: F401  (registers `basic_cnn` with timm)
@@ -57,6 +58,20 @@ def create_backbone(
             f"can (e.g. `huggingface-cli download {hub_id}`), then pass the file with "
             f"`checkpoint_path: /path/to/model.safetensors`, or set `pretrained: false`."
         ) from err
+
+
+def normalization(net: nn.Module, pretrained: bool, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std, shaped (1, in_chans, 1, 1), that images in [0, 1] are normalised with before `net`.
+
+    Pretrained weights expect the statistics they were trained with (timm lists RGB ones; a grey model, whose
+    first conv timm sums over RGB, sees their average). From scratch, mean = std = 0.5 ([-1, 1]) is as good as any.
+    Every user of a backbone (training, features, Grad-CAM, quality) goes through here so that they agree.
+    """
+    cfg = net.pretrained_cfg if pretrained else {"mean": (0.5,), "std": (0.5,)}
+    mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
+    if len(mean) != in_chans:
+        mean, std = mean.mean().repeat(in_chans), std.mean().repeat(in_chans)
+    return mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
 
 
 def weights_id(name: str, pretrained: bool, checkpoint_path: str | Path | None) -> str:

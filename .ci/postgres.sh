@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# A local PostgreSQL for the multi-worker tuning test (tests/test_tune_postgres.py): installs the Debian package
+# when missing, starts its cluster, and creates the role and database the test connects to:
+#     postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test   (the test reads $SYNAUG_POSTGRES_URL, else this)
+# Idempotent: a running server and an existing role/database are left as they are. Needs root (or sudo).
+set -euo pipefail
+SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+
+if ! command -v pg_lsclusters >/dev/null; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
+fi
+# The Debian package creates a cluster `main` of its version; in a container its service is not started.
+read -r version cluster port status _ < <(pg_lsclusters --no-header | head -1)
+if [ "$status" != online ]; then
+  $SUDO pg_ctlcluster "$version" "$cluster" start
+fi
+if [ -z "$SUDO" ]; then as_postgres() { runuser -u postgres -- "$@"; }; else as_postgres() { sudo -u postgres "$@"; }; fi
+psql_postgres() { as_postgres psql -p "$port" -tAc "$1"; }
+[ "$(psql_postgres "SELECT 1 FROM pg_roles WHERE rolname = 'synaug'")" = 1 ] \
+  || psql_postgres "CREATE ROLE synaug LOGIN PASSWORD 'synaug'"
+[ "$(psql_postgres "SELECT 1 FROM pg_database WHERE datname = 'synaug_test'")" = 1 ] \
+  || psql_postgres "CREATE DATABASE synaug_test OWNER synaug"
+echo "PostgreSQL $version/$cluster on port $port: postgresql+psycopg2://synaug:synaug@localhost:$port/synaug_test"
