@@ -13,17 +13,21 @@ import inspect
 import sys
 from collections.abc import Callable
 
-from jsonargparse import ActionConfigFile, ArgumentParser
-from lightning.pytorch.callbacks import ModelCheckpoint
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.core import LightningModule
 
+from synaug.classifiers.base import Classifier
 from synaug.data import ClassificationData
 from synaug.tracking import MLFlowLogger, git_commit, log_figure
 
+CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 COMMANDS = {
     "data audit": "synaug.data.audit:audit",
     "sample": "synaug.sampling:sample",
+    # Before "generate": main() takes the first name that prefixes the arguments.
+    "generate img2img": "synaug.generators.stable_diffusion:img2img",
+    "generate --from-folder": "synaug.generators.stable_diffusion:import_folder",
     "generate": "synaug.generators.generate:generate",
     "quality": "synaug.generators.quality:quality",
     "explain": "synaug.explain:explain",
@@ -68,7 +72,6 @@ class SynAugCLI(LightningCLI):
             trainer_defaults={
                 "default_root_dir": "outputs",
                 "logger": {"class_path": "synaug.tracking.MLFlowLogger"},
-                "callbacks": [ModelCheckpoint(monitor="val/f1_macro", mode="max")],
             },
             seed_everything_default=0,
             args=args,
@@ -89,6 +92,19 @@ class SynAugCLI(LightningCLI):
             default=True,
             help="After fit, evaluate the best checkpoint once on the test set.",
         )
+
+    def before_instantiate_classes(self) -> None:
+        # A classifier keeps its best checkpoint by validation macro-F1 (the one `test_after_fit` evaluates)
+        # unless the config names a ModelCheckpoint. Added to the config, not to trainer_defaults (which every
+        # model, generators included, would get on top of its own), so the logged config.yaml shows it.
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        module, _, name = cfg.model.class_path.rpartition(".")
+        callbacks = cfg.trainer.callbacks or []
+        if issubclass(getattr(importlib.import_module(module), name), Classifier) and not any(
+            c.class_path.endswith(".ModelCheckpoint") for c in callbacks
+        ):
+            checkpoint = Namespace(monitor="val/f1_macro", mode="max")
+            cfg.trainer.callbacks = [*callbacks, Namespace(class_path=CHECKPOINT, init_args=checkpoint)]
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].test_after_fit:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from synaug.data.images import load_image
-from synaug.data.mixing import epoch_order, plan
+from synaug.data.mixing import TrainingSet, epoch_order, plan
 from synaug.data.sources import DataError, ImageSource, OnBad, decode_all, load_source
 from synaug.data.synthetic import SyntheticSource, read_synthetic
 from synaug.data.transforms import BatchAugment, Policy, policy_transform
@@ -116,11 +116,12 @@ class ClassificationData(L.LightningDataModule):
     def image_size(self) -> int:
         return self.hparams.image_size
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.table is not None:
-            return
-        h, src = self.hparams, self.source
-        items = src.items.copy()
+    @cached_property
+    def items(self) -> pd.DataFrame:
+        """The source's table with this run's splits: validation/test twins of training images marked `twin`,
+        training images outside `selection` marked `unselected`."""
+        h = self.hparams
+        items = self.source.items.copy()
         self.dropped_twins = 0
         if h.drop_test_twins:
             seen = lambda splits: items["sha256"].isin(items.loc[items["split"].isin(splits), "sha256"])  # noqa: E731
@@ -137,19 +138,23 @@ class ClassificationData(L.LightningDataModule):
                     f"selection {h.selection}: {len(unknown)} id(s) not in {h.root}, e.g. {min(unknown)}"
                 )
             items.loc[(items["split"] == "train") & ~items["id"].isin(ids), "split"] = "unselected"
-        syn = self._synthetic()
-        ts = plan(
-            items,
-            self.class_names,
-            syn,
-            real_fraction=h.real_fraction,
-            real_count=h.real_count,
-            synthetic_ratio=h.synthetic_ratio,
-            augment_classes=h.augment_classes,
-            replace_prob=h.replace_prob,
-            seed=h.seed,
-            subset_seed=h.subset_seed,
-        )
+        return items
+
+    def training_set(self, **mixing) -> tuple[SyntheticSource | None, TrainingSet]:
+        """The synthetic source and the training set `plan` chooses, decoding no image. `mixing` replaces this
+        run's mixing settings (`real_fraction`, `synthetic`, `subset_seed`, ...): one DataModule checks the
+        cells of a whole experiment grid before anything trains."""
+        h = {**self.hparams, **mixing}
+        syn = self._synthetic(h["synthetic"])
+        keys = ("real_fraction", "real_count", "synthetic_ratio", "augment_classes", "replace_prob", "seed")
+        ts = plan(self.items, self.class_names, syn, **{k: h[k] for k in keys}, subset_seed=h["subset_seed"])
+        return syn, ts
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.table is not None:
+            return
+        items = self.items
+        syn, ts = self.training_set()
         self.counts = ts.counts
 
         real_rows = np.concatenate(
@@ -193,7 +198,7 @@ class ClassificationData(L.LightningDataModule):
         }
         self.table = table
         self.train_ids = table.loc[self.train_rows[: len(train_real)], "id"].tolist()
-        self.fingerprint = src.fingerprint
+        self.fingerprint = self.source.fingerprint
         self.train_fingerprint = hashlib.sha256(
             "\n".join(sorted(table.loc[self.train_rows, "sha256"])).encode()
         ).hexdigest()
@@ -204,8 +209,7 @@ class ClassificationData(L.LightningDataModule):
             log.warning("skipped %d unreadable image(s) (on_bad_image=skip)", len(self.skipped))
         log.info("training set per class:\n%s", self.counts.to_string())
 
-    def _synthetic(self) -> SyntheticSource | None:
-        folders = self.hparams.synthetic or []
+    def _synthetic(self, folders: list[str] | None) -> SyntheticSource | None:
         if not folders:
             return None
         sources = [read_synthetic(f, self.class_names) for f in folders]
@@ -310,7 +314,10 @@ class ClassificationData(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         x, y, row = batch
         if self.trainer is not None and self.trainer.training and self.in_memory:
-            x = self.augment(x)
+            # Seeded by (seed, epoch, batch), not the global RNG that a checkpoint does not hold: a resumed run
+            # augments as an uninterrupted one, and model code drawing random numbers changes no augmentation.
+            batch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+            x = self.augment(x, seed=hash((self.hparams.seed, self.trainer.current_epoch, batch)) % 2**63)
         return x.float().div_(255), y, row
 
     @cached_property
@@ -356,25 +363,33 @@ class ClassificationData(L.LightningDataModule):
 
 
 class DeviceBatches:
-    """Batches gathered from a uint8 tensor already on the device; `order(epoch)` gives the rows."""
+    """Batches gathered from a uint8 tensor already on the device, in the order its `sampler` gives."""
+
+    batch_sampler = None  # read by Lightning beside `sampler`, as on a DataLoader
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, order, batch_size: int):
-        self.images, self.labels, self.order, self.batch_size = images, labels, order, batch_size
-        self.epoch = 0
+        self.images, self.labels, self.batch_size = images, labels, batch_size
+        # Lightning calls `sampler.set_epoch` on whatever it iterates: a resumed run continues the epochs' orders.
+        self.sampler = EpochSampler(order, len(order(0)))
 
     def __len__(self) -> int:
-        return math.ceil(len(self.order(self.epoch)) / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self):
-        rows = torch.as_tensor(self.order(self.epoch), device=self.images.device)
-        self.epoch += 1
+        rows = torch.as_tensor(list(self.sampler), device=self.images.device)
         for b in rows.split(self.batch_size):
             yield self.images[b], self.labels[b], b
 
 
 class EpochSampler(Sampler[int]):
+    """The rows of epoch `epoch` by `order(epoch)`. Lightning sets the epoch (`set_epoch`), so a run resumed from
+    a checkpoint sees the orders an uninterrupted run would; iterated by hand, each pass is the next epoch."""
+
     def __init__(self, order, n: int):
         self.order, self.n, self.epoch = order, n, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n

@@ -73,7 +73,9 @@ def plan(
     for c, name in enumerate(classes):
         pool = np.flatnonzero((labels == c) & (split == "train"))
         k = real_count[name] if real_count and name in real_count else round(frac[c] * len(pool))
-        if not 1 <= k <= len(pool):
+        # A selection manifest of some classes only (one cluster, for a per-cluster generator) trains on them.
+        selected_out = k == 0 == len(pool) and ((labels == c) & (split == "unselected")).any()
+        if not 1 <= k <= len(pool) and not selected_out:
             raise DataError(f"class '{name}': asked for {k} real training images, {len(pool)} available")
         real.append(np.sort(sub_rng.choice(pool, k, replace=False)))
         rows.append((name, len(pool), k))

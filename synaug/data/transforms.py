@@ -35,9 +35,13 @@ class BatchAugment(nn.Module):
         self.policy, self.group_size = policy, group_size
         self.transform = policy_transform(policy)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         if self.policy == "none":
             return x
+        if seed is not None:
+            with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+                torch.manual_seed(seed)
+                return self(x)
         if self.policy == "hflip":
             flip = torch.rand(len(x), device=x.device) < 0.5
             return torch.where(flip[:, None, None, None], x.flip(-1), x)

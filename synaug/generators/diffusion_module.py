@@ -43,6 +43,7 @@ from torchvision.utils import make_grid
 
 from synaug.data.synthetic import train_set_fingerprint
 from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
+from synaug.generators.export import export_dir, record_training_set
 from synaug.tracking import git_commit, log_figure
 
 log = logging.getLogger(__name__)
@@ -164,14 +165,7 @@ class ClassConditionalDiffusion(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
-        ids = getattr(self.trainer.datamodule, "train_ids", None)
-        if ids is None:
-            log.warning("the data module has no `train_ids`: the generator's training set goes unrecorded")
-            ids = []
-        # A union, not a replacement: a generator fine-tuned on a second training set (one class after all
-        # classes) has learned from both. Resuming on the same set leaves it unchanged.
-        self.train_ids = list(dict.fromkeys(self.train_ids + [str(i) for i in ids]))
-        self.run_id = self.logger.run_id if isinstance(self.logger, MLFlowLogger) else ""
+        record_training_set(self)
 
     @rank_zero_only
     def on_train_end(self) -> None:
@@ -194,12 +188,7 @@ class ClassConditionalDiffusion(L.LightningModule):
         return unet.eval()
 
     def export_dir(self) -> Path:
-        if self.hparams.export_dir:
-            return Path(self.hparams.export_dir)
-        ckpt = self.trainer.checkpoint_callback
-        if ckpt is not None and ckpt.dirpath:
-            return Path(ckpt.dirpath).parent / "generator"
-        return Path(self.trainer.default_root_dir) / "generator"
+        return export_dir(self)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the EMA UNet (safetensors), the noise schedule and the provenance files into `folder`."""
@@ -208,6 +197,7 @@ class ClassConditionalDiffusion(L.LightningModule):
         self.noise_scheduler.save_pretrained(folder / "scheduler")
         (folder / "train_ids.txt").write_text("\n".join(self.train_ids))
         meta = dict(
+            kind="diffusion",
             class_names=self.class_names,
             image_size=self.hparams.image_size,
             channels=self.hparams.in_chans,

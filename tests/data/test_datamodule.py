@@ -68,3 +68,29 @@ def test_selection_manifest_restricts_training(breast_npz, tmp_path, on_bad):
     )
     dm.setup()
     assert sorted(dm.train_ids) == sorted(chosen)
+
+
+def test_resume_from_a_checkpoint_trains_as_an_uninterrupted_run(breast_npz, tmp_path):
+    # Each epoch's order and augmentation must come from (seed, epoch, batch), not from state that a checkpoint
+    # drops (a sampler's own epoch counter, the global RNG): otherwise a resumed run trains on other batches.
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from synaug.classifiers import ImageClassifier
+
+    def fit(epochs, root, ckpt_path=None):
+        L.seed_everything(0)
+        dm = ClassificationData(str(breast_npz), image_size=28, batch_size=64, policy="hflip", real_fraction=0.3)
+        model = ImageClassifier("basic_cnn", 2, in_chans=1, image_size=28)
+        checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
+        trainer = L.Trainer(
+            max_epochs=epochs, logger=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[checkpoint]
+        )
+        trainer.fit(model, dm, ckpt_path=ckpt_path)
+        return checkpoint.last_model_path, model
+
+    last, _ = fit(1, tmp_path / "a")
+    _, resumed = fit(3, tmp_path / "a", ckpt_path=last)
+    _, straight = fit(3, tmp_path / "b")
+    for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
