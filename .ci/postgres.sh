@@ -10,7 +10,11 @@ if ! command -v pg_lsclusters >/dev/null; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq postgresql >/dev/null
 fi
-# The Debian package creates a cluster `main` of its version; in a container its service is not started.
+# The Debian package creates a cluster `main` of its version (unless told not to); in a container its service is
+# not started.
+if [ -z "$(pg_lsclusters --no-header)" ]; then
+  $SUDO pg_createcluster "$(ls /usr/lib/postgresql | sort -V | tail -1)" main
+fi
 read -r version cluster port status _ < <(pg_lsclusters --no-header | head -1)
 if [ "$status" != online ]; then
   $SUDO pg_ctlcluster "$version" "$cluster" start

@@ -40,9 +40,7 @@ def _one_thread():
 def toy_model() -> nn.Module:
     """A small basic_cnn trained to tell images with the planted patch (class 1) from plain noise (class 0)."""
     torch.manual_seed(0)
-    model = create_backbone(
-        "basic_cnn", num_classes=2, in_chans=1, channels=(8, 16), hidden=(32, 16)
-    )
+    model = create_backbone("basic_cnn", num_classes=2, in_chans=1, channels=(8, 16), hidden=(32, 16))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(40):
         y = torch.randint(0, 2, (32,))

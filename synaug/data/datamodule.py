@@ -263,13 +263,16 @@ class ClassificationData(L.LightningDataModule):
 
     def train_dataloader(self):
         h = self.hparams
-        order = lambda epoch: epoch_order(self.train_rows, self.variants, h.replace_prob, h.seed, epoch)  # noqa: E731
+        # A last batch of one image is left out (a different one each epoch): batch norm cannot train on it.
+        n = len(self.train_rows) - (len(self.train_rows) % h.batch_size == 1)
+
+        def order(epoch: int) -> np.ndarray:
+            return epoch_order(self.train_rows, self.variants, h.replace_prob, h.seed, epoch)[:n]
+
         if self.in_memory:
             images = self._device_images()
             return DeviceBatches(images, self._labels_on(images.device), order, h.batch_size)
-        return self._dataloader(
-            EpochSampler(order, len(self.train_rows)), h.batch_size, policy_transform(h.policy)
-        )
+        return self._dataloader(EpochSampler(order, n), h.batch_size, policy_transform(h.policy))
 
     def _rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.table["split"].to_numpy() == split)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
+from PIL import Image
 from tqdm.auto import tqdm
 
 from synaug.data.images import IMAGE_EXTENSIONS, open_image, to_mode
@@ -157,7 +158,8 @@ def img2img(
         model: Stable Diffusion checkpoint, a folder or a hub id (SD 1.x, 2.x, SDXL).
         per_image: variants per real image; variant k of the j-th image of class c is index j * per_image + k.
         strength: share of the noise schedule added; diffusers denoises int(strength * steps) steps, which must
-            be at least 1 (at 0 steps the pipeline has nothing to run).
+            be at least 1. Strength 0 adds no noise, so each "variant" is its real image as it is (no VAE round
+            trip): the control that tells the effect of the noise from that of repeating real images.
         steps, guidance_scale: the sampler's step count over the full schedule and the classifier-free guidance.
         prompts: class name -> prompt (default: "an image of a <class name>" for every class).
         negative_prompt: one negative prompt for all classes.
@@ -170,7 +172,7 @@ def img2img(
 
     Returns the output folder.
     """
-    if int(strength * steps) < 1:
+    if strength and int(strength * steps) < 1:
         raise ValueError(
             f"strength {strength} with {steps} steps denoises int({strength} * {steps}) = 0 steps; "
             "raise the strength or the steps"
@@ -230,16 +232,20 @@ def img2img(
             seeds = [image_seed(seed, c, k) for c, k, _ in batch]
             # Grey sources come out of load() with the grey value replicated in R, G and B.
             x = torch.from_numpy(np.stack([src.load(int(r), image_size, 3) for _, _, r in batch]))
-            images = pipe(
-                prompt=[prompts[c] for c, _, _ in batch],
-                negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
-                image=x.float() / 255,
-                strength=strength,
-                num_inference_steps=steps,
-                guidance_scale=guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in seeds],
-                output_type="pil",
-            ).images
+            images = (
+                [Image.fromarray(a.permute(1, 2, 0).numpy()) for a in x]
+                if strength == 0
+                else pipe(
+                    prompt=[prompts[c] for c, _, _ in batch],
+                    negative_prompt=[negative_prompt] * len(batch) if negative_prompt else None,
+                    image=x.float() / 255,
+                    strength=strength,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    output_type="pil",
+                ).images
+            )
             for (c, k, r), s, image in zip(batch, seeds, images, strict=True):
                 writer.write(image.convert("L" if channels == 1 else "RGB"), c, k, s, [items.at[r, "id"]])
             bar.update(len(batch))

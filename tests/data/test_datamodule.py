@@ -80,11 +80,17 @@ def test_resume_from_a_checkpoint_trains_as_an_uninterrupted_run(breast_npz, tmp
 
     def fit(epochs, root, ckpt_path=None):
         L.seed_everything(0)
-        dm = ClassificationData(str(breast_npz), image_size=28, batch_size=64, policy="hflip", real_fraction=0.3)
+        dm = ClassificationData(
+            str(breast_npz), image_size=28, batch_size=64, policy="hflip", real_fraction=0.3
+        )
         model = ImageClassifier("basic_cnn", 2, in_chans=1, image_size=28)
         checkpoint = ModelCheckpoint(dirpath=root, save_last=True)
         trainer = L.Trainer(
-            max_epochs=epochs, logger=False, enable_progress_bar=False, limit_val_batches=0, callbacks=[checkpoint]
+            max_epochs=epochs,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=0,
+            callbacks=[checkpoint],
         )
         trainer.fit(model, dm, ckpt_path=ckpt_path)
         return checkpoint.last_model_path, model
@@ -94,3 +100,15 @@ def test_resume_from_a_checkpoint_trains_as_an_uninterrupted_run(breast_npz, tmp
     _, straight = fit(3, tmp_path / "b")
     for (name, a), b in zip(resumed.state_dict().items(), straight.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_last_training_batch_of_one_image_is_left_out(breast_npz):
+    # Batch norm cannot train on a batch of one; 0.05 of BreastMNIST's training images gives 7 + 20 = 27 = 2 x 13 + 1.
+    dm = ClassificationData(str(breast_npz), image_size=28, batch_size=13, real_fraction=0.05)
+    dm.setup()
+    assert len(dm.train_rows) == 27
+    sizes = [len(b[2]) for b in dm.train_dataloader()]
+    assert sizes == [13, 13]
+    dm = ClassificationData(str(breast_npz), image_size=28, batch_size=10, real_fraction=0.05)
+    dm.setup()
+    assert [len(b[2]) for b in dm.train_dataloader()] == [10, 10, 7]

@@ -103,6 +103,12 @@ def test_img2img_strength(tiny, real, tmp_path):
     # round trip of the input (the VAE is lossy, so not on the input), much nearer than larger strengths.
     with pytest.raises(ValueError, match="denoises int"):
         img2img(str(real), str(tmp_path / "syn"), model=tiny, strength=0.01, steps=50)
+    # Strength 0 adds no noise: the real image itself, resized to `image_size` as the pipeline would see it.
+    same = img2img(
+        str(real), str(tmp_path / "zero"), model=tiny, **{**SETTINGS, "strength": 0.0, "image_size": 16}
+    )
+    for _, row in pd.read_csv(same / "manifest.csv").iterrows():
+        assert torch.equal(pixels(same / row["path"]), pixels(real / row["source"]))
     pipe = load_pipeline(tiny, "image2image")
     assert isinstance(pipe, StableDiffusionImg2ImgPipeline)
     pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,652 @@
+"""`synaug experiment`: a grid of configurations, each trained over N seeds, reported with CIs and paired tests.
+
+    synaug experiment -c experiments/thesis2_brain/config.yaml
+
+The grid is classifier x conventional policy x real data (a fraction or a count per class) x synthetic data
+(none, or a source at a ratio). One point of it is a *cell*; every cell is trained and tested once per seed.
+Seed s of every cell draws the same real training subset (subset seed s, or s mod `subset_seeds`), so a cell and
+its baseline (same classifier, policy and real data, no synthetic images) are paired by seed.
+
+Each (cell, seed) is a LightningCLI config: `base`, then the classifier's entry over it, then the cell's data
+settings, `seed_everything` and the MLflow logger. It is trained in-process (or in one of `workers` processes),
+and its best checkpoint (by validation macro-F1) is tested once.
+
+Before anything trains, every (cell, real subset) is planned as its runs will plan it (`prepare`): a synthetic
+source whose generator learned from real images outside the cell's training subset (recorded in its manifest) is
+refused then, since it would carry the withheld images into training, as are too few synthetic images. Synthetic
+folders are templated per subset (`{subset_seed}`, `{real}`); a learned generator is trained and sampled once per
+subset beforehand (`subset_seeds` keeps that affordable), a `transform` source is made here, once per subset.
+
+MLflow (experiment `name`): one parent run (tag level=experiment), one child per cell (level=cell), one grandchild
+per seed (level=seed); every run carries the tags experiment, cell, classifier, policy, real, real_fraction,
+real_count, generator, ratio, augment_classes (and seed, subset_seed), so `tags.generator = 'diffusion'` and the
+like filter them. Running the same command again skips the (cell, seed) pairs whose run FINISHED with test
+metrics; any other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the
+pair is trained again, so a report only ever reads complete runs. Two processes must not run one experiment at
+the same time (use `workers` instead).
+
+The report (`out`, also logged to the parent run under `report/`): results.csv (one row per cell, seed, metric),
+summary.csv (median, mean and bootstrap CI per cell and metric), comparison.csv (paired differences to the
+baseline, Wilcoxon p, Holm-adjusted), report.md (the thesis-style table, also printed), plots of each metric per
+cell, of the metric against the synthetic ratio, and, with two or more real data settings, learning curves
+(the metric against real images per class with and without synthetic data) and how many real images each
+synthetic setting is worth (learning_curve.csv, worth.csv).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run
+
+from synaug import stats
+from synaug.cli import SynAugCLI
+from synaug.data import ClassificationData
+from synaug.data.transforms import Policy
+from synaug.generators.transform import needed, write_transforms
+from synaug.tracking import artifact_location, git_commit, tracking_uri
+
+# data settings a cell decides; `base` and the classifiers must leave them to the grid
+CELL_KEYS = ("synthetic", "synthetic_ratio", "augment_classes", "replace_prob", "seed", "subset_seed")
+# what `ClassificationData.training_set` takes: the settings that choose the training images
+MIXING_KEYS = (*CELL_KEYS, "real_fraction", "real_count")
+COMPARISON_COLUMNS = ["cell", "baseline", "metric", "n", "median_diff", "mean_diff", "ci_low", "ci_high", "p"]
+
+
+@dataclass
+class Synthetic:
+    """A synthetic source of the grid: one cell per ratio.
+
+    Attributes:
+        folders: synthetic folders (`data.synthetic`), pooled. `{subset_seed}` and `{real}` (the cell's real data
+            label, e.g. `0.05` or `glioma:25`) are replaced per run: the leakage guard needs a generator trained
+            on (or a transform source drawn from) that run's real subset.
+        ratios: `data.synthetic_ratio` values: one number for the augmented classes or a mapping class -> ratio.
+        augment_classes: the classes that get synthetic images (default: every class with a ratio).
+        replace_prob: DA-Fusion-style per-epoch replacement of real images by their synthetic variants.
+        transform: make a missing folder with the `transform` generator under this policy (conventional
+            transforms of the run's own real subset, as many as the largest ratio asks for): a source for
+            trying a grid end to end, and a baseline a learned generator has to beat; tagged generator=<name>
+            as any other, so name it for what it is (e.g. `transform-autoaugment`).
+    """
+
+    folders: list[str]
+    ratios: list[float | dict[str, float]] = field(default_factory=lambda: [1.0])
+    augment_classes: list[str] | None = None
+    replace_prob: float = 0.0
+    transform: Policy | None = None
+
+    def most(self, classes: list[str]) -> dict[str, float]:
+        """The largest ratio each augmented class gets over `ratios`."""
+        out = dict.fromkeys(self.augment_classes or classes, 0.0)
+        for r in self.ratios:
+            for c in out:
+                out[c] = max(out[c], r.get(c, 0.0) if isinstance(r, dict) else r)
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    classifier: str
+    policy: str
+    real_fraction: float | dict[str, float]
+    real_count: dict[str, int] | None
+    generator: str = "none"
+    ratio: float | dict[str, float] = 0.0
+    source: Synthetic | None = None
+
+    @property
+    def real(self) -> str:
+        return f"n={label(self.real_count)}" if self.real_count else label(self.real_fraction)
+
+    @property
+    def synthetic(self) -> str:
+        return "none" if self.source is None else f"{self.generator}@{label(self.ratio)}"
+
+    @property
+    def name(self) -> str:
+        return f"{self.classifier}/{self.policy}/real={self.real}/{self.synthetic}"
+
+    @property
+    def baseline(self) -> Cell | None:
+        if self.source is None:
+            return None
+        return Cell(self.classifier, self.policy, self.real_fraction, self.real_count)
+
+    @property
+    def ratio_value(self) -> float:
+        """The ratio as one number, for curves: nan when the classes get different ratios."""
+        if isinstance(self.ratio, dict):
+            values = set(self.ratio.values())
+            return values.pop() if len(values) == 1 else math.nan
+        return float(self.ratio)
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "cell": self.name,
+            "classifier": self.classifier,
+            "policy": self.policy,
+            "real": self.real,
+            "real_fraction": label(self.real_fraction),
+            "real_count": label(self.real_count) if self.real_count else "",
+            "generator": self.generator,
+            "ratio": label(self.ratio),
+            "augment_classes": ",".join(self.source.augment_classes or []) if self.source else "",
+        }
+
+    def data(self, seed: int, subset_seed: int) -> dict:
+        """The cell's `data:` settings for one seed."""
+        data = dict(
+            policy=self.policy,
+            real_fraction=self.real_fraction,
+            real_count=self.real_count,
+            seed=seed,
+            subset_seed=subset_seed,
+        )
+        if self.source is not None:
+            data |= dict(
+                synthetic=[f.format(subset_seed=subset_seed, real=self.real) for f in self.source.folders],
+                synthetic_ratio=self.ratio,
+                augment_classes=self.source.augment_classes,
+                replace_prob=self.source.replace_prob,
+            )
+        return data
+
+
+def label(value: float | dict | None) -> str:
+    """A compact label: 0.25 -> `0.25`, {glioma: 1.0} -> `glioma:1`."""
+    if isinstance(value, dict):
+        return "+".join(f"{k}:{label(v)}" for k, v in value.items())
+    return f"{value:.3g}"
+
+
+def merge(a: dict, b: dict) -> dict:
+    """`b` over `a`, recursively for mappings; anything else in `b` replaces."""
+    out = copy.deepcopy(a)
+    for k, v in b.items():
+        out[k] = (
+            merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        )
+    return out
+
+
+def check_base(config: dict, what: str, grid_keys: tuple[str, ...]) -> None:
+    """Refuse a config that sets what the grid decides: a value there would be overridden, silently."""
+    data = config.get("data", {})
+    taken = [f"data.{k}" for k in (*CELL_KEYS, *grid_keys) if k in data]
+    taken += ["seed_everything"] * ("seed_everything" in config)
+    taken += ["trainer.logger"] * ("logger" in config.get("trainer", {}))
+    if taken:
+        raise ValueError(
+            f"{what} sets {taken}; the experiment sets these per cell and seed (seed_everything = data.seed = "
+            "the seed, one MLflow logger per seed run): remove them, and use the grid's axes instead"
+        )
+
+
+def run_config(config: dict, data: dict, seed: int, experiment: str, uri: str) -> dict:
+    """One seed's LightningCLI config: `config` with the cell's data settings, the seed and the MLflow logger."""
+    logger = {
+        "class_path": "synaug.tracking.MLFlowLogger",
+        "init_args": {"experiment_name": experiment, "tracking_uri": uri},
+    }
+    return merge(config, {"data": data, "seed_everything": seed, "trainer": {"logger": logger}})
+
+
+def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
+    """The real and synthetic training images per class, as metrics: the x of learning curves."""
+    metrics = {"data/real_per_class": float(counts["real_kept"].mean())}
+    for c, row in counts.iterrows():
+        metrics[f"data/real_kept/{c}"] = float(row["real_kept"])
+        metrics[f"data/synthetic/{c}"] = float(row["synthetic"])
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, v)
+
+
+def run_seed(
+    config: dict, experiment_id: str, tags: dict[str, str], run_name: str, keep_checkpoints: bool = False
+) -> str:
+    """Train one (cell, seed) on a new MLflow run, test its best checkpoint once; returns the run id."""
+    uri = config["trainer"]["logger"]["init_args"]["tracking_uri"]
+    client = MlflowClient(uri)
+    run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+    cli = SynAugCLI(args=merge(config, {"trainer": {"logger": {"init_args": {"run_id": run_id}}}}), run=False)
+    trainer = cli.trainer
+    trainer.fit(cli.model, datamodule=cli.datamodule)
+    log_counts(client, run_id, cli.datamodule.counts)
+    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    if not keep_checkpoints:  # 20 seeds x many cells of weights add up; the results are in MLflow
+        shutil.rmtree(trainer.checkpoint_callback.dirpath)
+    return run_id
+
+
+def _worker_init(threads: int) -> None:
+    # several training processes on one machine: split the CPU threads instead of oversubscribing them
+    torch.set_num_threads(threads)
+
+
+def prepare(cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of) -> None:
+    """Before anything trains: make the `transform` folders the grid needs, then plan every (cell, real subset)
+    as its runs will. A synthetic source whose generator learned from images outside the cell's real subset (or
+    from validation/test images), too few synthetic images, or an unknown class name fail now, not hours in."""
+    modules: dict[str, ClassificationData] = {}  # one per real source: loading it hashes every file
+    made = set()
+    subsets = sorted({subset_of(s) for s in range(seeds)})
+    for cell in cells:
+        data = {k: v for k, v in configs[cell.classifier].get("data", {}).items() if k not in MIXING_KEYS}
+        dm = modules.setdefault(yaml.safe_dump(data), ClassificationData(**data))
+        for s in subsets:
+            settings = {k: v for k, v in cell.data(s, s).items() if k in MIXING_KEYS}
+            if cell.source is not None and cell.source.transform:
+                if len(settings["synthetic"]) != 1:
+                    raise ValueError(
+                        f"{cell.name}: a transform source has one folder, got {settings['synthetic']}"
+                    )
+                (folder,) = settings["synthetic"]
+                if folder not in made:
+                    real = {k: settings[k] for k in ("real_fraction", "real_count", "subset_seed")}
+                    _, ts = dm.training_set(**real, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
+                    counts = needed(ts.counts["real_kept"], cell.source.most(dm.class_names))
+                    print(f"transform-{cell.source.transform}: {counts} images into {folder}")
+                    write_transforms(
+                        dm.source, ts.real, folder, counts, cell.source.transform, dm.image_size, dm.channels
+                    )
+                    made.add(folder)
+            dm.training_set(**settings)
+
+
+def search(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list[Run]:
+    """Every active run of the experiment with these tag values, oldest first, across result pages."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            [experiment_id], query, max_results=5000, order_by=["attributes.start_time ASC"], page_token=token
+        )
+        runs += page
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_or_create(
+    client: MlflowClient, experiment_id: str, key: dict[str, str], run_name: str, tags: dict[str, str]
+) -> str:
+    runs = search(client, experiment_id, key)
+    if runs:
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    return client.create_run(experiment_id, run_name=run_name, tags={**key, **tags}).info.run_id
+
+
+def mlflow_experiment(client: MlflowClient, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+
+
+def complete(run: Run, metric: str) -> bool:
+    return run.info.status == "FINISHED" and metric in run.data.metrics
+
+
+def grid(
+    base: dict,
+    classifiers: dict[str, dict],
+    policies: list[Policy] | None = None,
+    real_fractions: list[float | dict[str, float]] | None = None,
+    real_counts: list[dict[str, int]] | None = None,
+    synthetic: dict[str, Synthetic] | None = None,
+) -> list[Cell]:
+    """Every cell of the grid (arguments as `experiment`'s), baselines first within each (classifier, policy,
+    real data). An axis left out takes each classifier's configured value; an axis given must not be set there."""
+    grid_keys: tuple[str, ...] = ("policy",) if policies is not None else ()
+    reals = None
+    if real_fractions is not None or real_counts is not None:
+        reals = [(f, None) for f in real_fractions or []] + [(1.0, c) for c in real_counts or []]
+        grid_keys += ("real_fraction", "real_count")
+    check_base(base, "base", grid_keys)
+    cells = []
+    for clf, overrides in classifiers.items():
+        check_base(overrides, f"classifier {clf!r}", grid_keys)
+        data = merge(base, overrides).get("data", {})
+        for policy in policies or [data.get("policy", "none")]:
+            for fraction, count in reals or [(data.get("real_fraction", 1.0), data.get("real_count"))]:
+                cells.append(Cell(clf, policy, fraction, count))
+                for gen, source in (synthetic or {}).items():
+                    cells += [Cell(clf, policy, fraction, count, gen, r, source) for r in source.ratios]
+    names = [c.name for c in cells]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"the grid names these cells more than once: {twice}")
+    return cells
+
+
+def run_all(
+    jobs: list[tuple[dict, dict[str, str], str]], experiment_id: str, workers: int, keep: bool
+) -> None:
+    if workers == 1:
+        for i, (config, tags, run_name) in enumerate(jobs, 1):
+            print(f"[{i}/{len(jobs)}] {run_name}")
+            run_seed(config, experiment_id, tags, run_name, keep)
+        return
+    # Not fork: CUDA cannot be re-initialised in a forked child. A fork server that has imported synaug (and so
+    # torch, Lightning, MLflow) but touched no GPU forks the workers: the imports are paid once, not per worker.
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["synaug.experiment"])
+    with ProcessPoolExecutor(
+        workers,
+        mp_context=context,
+        initializer=_worker_init,
+        initargs=(max(1, os.cpu_count() // workers),),
+    ) as pool:
+        futures = {pool.submit(run_seed, c, experiment_id, t, n, keep): n for c, t, n in jobs}
+        try:
+            for i, future in enumerate(as_completed(futures), 1):
+                future.result()
+                print(f"[{i}/{len(jobs)}] done: {futures[future]}")
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the runs in flight finish; the queued ones never start
+            raise
+
+
+def collect(runs: list[Run], cells: list[Cell], metric: str, x_metric: str) -> tuple[pd.DataFrame, dict]:
+    """The long results table (test metrics of the complete seed runs of these cells, in grid order) and each
+    cell's `x_metric` (real training images, the same for every seed of a cell)."""
+    order = {c.name: i for i, c in enumerate(cells)}
+    rows, x = [], {}
+    for run in runs:
+        cell = run.data.tags["cell"]
+        if cell not in order or not complete(run, metric):
+            continue
+        if x_metric not in run.data.metrics:
+            known = sorted(k for k in run.data.metrics if k.startswith("data/real_kept/"))
+            raise ValueError(f"runs log no {x_metric}; per-class counts are {known}")
+        rows += [
+            (cell, int(run.data.tags["seed"]), k, v)
+            for k, v in run.data.metrics.items()
+            if k.startswith("test/")
+        ]
+        x.setdefault(cell, run.data.metrics[x_metric])
+    results = pd.DataFrame(rows, columns=stats.RESULT_COLUMNS)
+    results = results.sort_values(
+        ["cell", "seed", "metric"], key=lambda s: s.map(order) if s.name == "cell" else s
+    )
+    return results.reset_index(drop=True), x
+
+
+def report(
+    results: pd.DataFrame,
+    cells: pd.DataFrame,
+    folder: Path,
+    metric: str = stats.MAIN_METRIC,
+    minority_metric: str | None = None,
+    x: str = "real_per_class",
+) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Write the tables and figures of an experiment into `folder`; returns the summary, comparison and table.
+
+    `results`: one row per (cell, seed, metric); `cells`: indexed by cell, with the columns classifier, policy,
+    real, generator, ratio (a number, nan when classes differ), synthetic (a label), baseline ('' for baselines)
+    and `x` (real training images, for learning curves).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    plots = folder / "plots"
+    plots.mkdir(exist_ok=True)
+    summary = stats.summarize(results)
+    baselines = {c: b for c, b in cells["baseline"].items() if b}
+    comparison = (
+        stats.compare(results, baselines)
+        if baselines
+        else pd.DataFrame(columns=[*COMPARISON_COLUMNS, "p_holm"])
+    )
+    paths = stats.write_report(summary, comparison, folder, minority_metric, metric)
+    results.to_csv(folder / "results.csv", index=False)
+    cells.to_csv(folder / "cells.csv")
+
+    present = set(summary["metric"])
+    for m in dict.fromkeys([*stats.TABLE_COLUMNS.values(), metric, minority_metric]):
+        if m in present:
+            stats.plot_cells(summary, m, baselines).savefig(plots / f"cells_{slug(m)}.png")
+
+    augmented = cells[cells["generator"] != "none"]
+    for (policy, real, gen), group in augmented.groupby(["policy", "real", "generator"], sort=False):
+        selected = pd.concat([cells.loc[group["baseline"].unique()], group])
+        if selected["ratio"].isna().any():
+            print(
+                f"no ratio curve for {gen} (policy {policy}, real {real}): its classes get different ratios"
+            )
+            continue
+        fig = stats.plot_ratio_curve(summary, selected, metric, x="ratio", hue="classifier")
+        fig.axes[0].set_title(f"{gen}: policy {policy}, real data {real}")
+        fig.savefig(plots / f"ratio_{slug(gen)}_{slug(policy)}_real{slug(real)}.png")
+
+    curves, worth = [], []
+    higher_is_better = "cross_entropy" not in metric
+    main = results[results["metric"] == metric]
+
+    def values(cell: str) -> np.ndarray:
+        return main.loc[main["cell"] == cell, "value"].to_numpy()
+
+    for (clf, policy), group in cells.groupby(["classifier", "policy"], sort=False):
+        real_only = group[group["generator"] == "none"]
+        if real_only[x].nunique() < 2:
+            continue
+        if group.duplicated([x, "synthetic"]).any():
+            print(
+                f"no learning curve for {clf}/{policy}: several of its cells train on the same number of real images"
+            )
+            continue
+        curves.append(
+            stats.learning_curve(results, group, metric, x=x, group="synthetic").assign(
+                classifier=clf, policy=policy
+            )
+        )
+        fig = stats.plot_ratio_curve(summary, group, metric, x=x, hue="synthetic")
+        fig.axes[0].set_xscale("log")
+        fig.axes[0].set_title(f"learning curve: {clf}, policy {policy}")
+        fig.savefig(plots / f"learning_curve_{slug(clf)}_{slug(policy)}.png")
+        real_curve = {row[x]: values(c) for c, row in real_only.iterrows()}
+        for c, row in group[group["generator"] != "none"].iterrows():
+            w = stats.synthetic_worth(real_curve, values(c), row[x], higher_is_better=higher_is_better)
+            worth.append(
+                {
+                    "cell": c,
+                    x: row[x],
+                    "n_equivalent": w.n_equivalent,
+                    "ci_low": w.ci_low,
+                    "ci_high": w.ci_high,
+                }
+                | {"extra_real": w.extra_real, "flag": w.flag}
+                | {"frac_above": w.frac_above, "frac_below": w.frac_below}
+            )
+    table = paths["table"].read_text()
+    if curves:
+        pd.concat(curves, ignore_index=True).to_csv(folder / "learning_curve.csv", index=False)
+        worth = pd.DataFrame(worth)
+        worth.to_csv(folder / "worth.csv", index=False)
+        table += worth_table(worth, x, metric)
+        paths["table"].write_text(table)
+    return summary, comparison, table
+
+
+def worth_table(worth: pd.DataFrame, x: str, metric: str) -> str:
+    lines = [
+        f"\n### What the synthetic data is worth ({metric})\n",
+        f"| configuration | {x} | worth, real images [CI] | extra real images |",
+        "|---|:-:|:-:|:-:|",
+    ]
+    for row in worth.itertuples(index=False):
+        d = row._asdict()
+        lines.append(
+            f"| {d['cell']} | {d[x]:.4g} | {d['n_equivalent']:.4g} [{d['ci_low']:.4g}, {d['ci_high']:.4g}] "
+            f"| {d['extra_real']:+.1f} |"
+        )
+    note = (
+        "\nThe number of real images per class at which the real-only learning curve (isotonic, interpolated in "
+        "log n) reaches the augmented result; inf: beyond the largest real set measured, nan: below the smallest.\n"
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+
+
+def experiment(
+    name: str,
+    base: dict,
+    classifiers: dict[str, dict],
+    policies: list[Policy] | None = None,
+    real_fractions: list[float | dict[str, float]] | None = None,
+    real_counts: list[dict[str, int]] | None = None,
+    synthetic: dict[str, Synthetic] | None = None,
+    seeds: int = 20,
+    subset_seeds: int | None = None,
+    metric: str = stats.MAIN_METRIC,
+    minority_metric: str | None = None,
+    learning_curve_class: str | None = None,
+    workers: int = 1,
+    keep_checkpoints: bool = False,
+    out: str | None = None,
+    tracking: str | None = None,
+) -> str:
+    """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
+
+    Args:
+        name: the experiment: its MLflow experiment, parent run and default report folder.
+        base: a LightningCLI config (`data:`, `trainer:`, optionally `model:`) shared by every run.
+        classifiers: name -> a LightningCLI config merged over `base`: its `model:`, and anything else the
+            classifier needs (e.g. `trainer: {max_epochs: 1}` for an SVC).
+        policies: conventional policies (`data.policy`) to cross; default: each classifier's configured one.
+        real_fractions: real data settings (`data.real_fraction`: a number, or per class) to cross.
+        real_counts: more real data settings (`data.real_count`, e.g. `{glioma: 25}` for a rare class). Without
+            either, each classifier's configured real data is the only setting.
+        synthetic: generator name -> a synthetic source and its ratios; every (classifier, policy, real data)
+            also gets its baseline without synthetic images.
+        seeds: seeds 0..seeds-1 per cell: `seed_everything` and `data.seed` (synthetic draw, shuffling).
+        subset_seeds: the number of distinct real subsets: seed s draws subset `s mod subset_seeds`, so each
+            generator is trained that many times only. Default: seed s draws subset s (independent resamples).
+        metric: the report's main test metric: the paired comparison, ratio and learning curves.
+        minority_metric: an extra table column, e.g. `test/recall/glioma`.
+        learning_curve_class: learning curves against this class's real images, not the mean per class.
+        workers: train this many seeds at a time, each in its own process (small models sharing one GPU).
+        keep_checkpoints: keep each run's best checkpoint (default: deleted once tested).
+        out: the report folder (default `outputs/experiments/<name>`).
+        tracking: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
+    """
+    synthetic = synthetic or {}
+    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic)
+    subset_of = (lambda s: s) if subset_seeds is None else (lambda s: s % subset_seeds)
+
+    uri = tracking_uri(tracking)
+    client = MlflowClient(uri)
+    exp_id = mlflow_experiment(client, name, uri)
+    # Instantiate each classifier x policy once before anything trains: a typo fails now, not hours in.
+    for clf, policy in dict.fromkeys((c.classifier, c.policy) for c in cells):
+        SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)
+    prepare(cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of)
+
+    parent = find_or_create(
+        client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
+    )
+    settings = dict(
+        name=name,
+        base=base,
+        classifiers=classifiers,
+        policies=policies,
+        real_fractions=real_fractions,
+        real_counts=real_counts,
+        synthetic={k: asdict(v) for k, v in synthetic.items()},
+        seeds=seeds,
+        subset_seeds=subset_seeds,
+    )
+    client.log_text(parent, yaml.safe_dump(settings, sort_keys=False), "experiment.yaml")
+
+    pairs: dict[tuple[str, str], list[Run]] = {}
+    for run in search(client, exp_id, {"level": "seed", "experiment": name}):
+        pairs.setdefault((run.data.tags["cell"], run.data.tags["seed"]), []).append(run)
+    cell_runs, jobs = {}, []
+    for cell in cells:
+        cell_runs[cell.name] = find_or_create(
+            client,
+            exp_id,
+            {"level": "cell", "experiment": name, "cell": cell.name},
+            cell.name,
+            {**cell.tags(), "mlflow.parentRunId": parent},
+        )
+        config = merge(base, classifiers[cell.classifier])
+        for seed in range(seeds):
+            previous = pairs.get((cell.name, str(seed)), [])
+            if any(complete(r, metric) for r in previous):
+                continue
+            for r in previous:  # killed or failed before its test metrics: superseded by a fresh run
+                if r.info.status != "KILLED":
+                    client.set_terminated(r.info.run_id, "KILLED")
+            tags = cell.tags() | {
+                "level": "seed",
+                "experiment": name,
+                "seed": str(seed),
+                "subset_seed": str(subset_of(seed)),
+                "mlflow.parentRunId": cell_runs[cell.name],
+            }
+            data = cell.data(seed, subset_of(seed))
+            jobs.append((run_config(config, data, seed, name, uri), tags, f"{cell.name} seed {seed}"))
+    print(
+        f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train, {len(cells) * seeds - len(jobs)} done"
+    )
+    try:
+        run_all(jobs, exp_id, workers, keep_checkpoints)
+    except BaseException:
+        client.set_terminated(parent, "FAILED")
+        raise
+
+    x = f"real_{learning_curve_class}" if learning_curve_class else "real_per_class"
+    x_metric = f"data/real_kept/{learning_curve_class}" if learning_curve_class else "data/real_per_class"
+    results, real_images = collect(
+        search(client, exp_id, {"level": "seed", "experiment": name}), cells, metric, x_metric
+    )
+    table = pd.DataFrame(
+        [
+            {
+                "cell": c.name,
+                "classifier": c.classifier,
+                "policy": c.policy,
+                "real": c.real,
+                "generator": c.generator,
+                "ratio": c.ratio_value,
+                "synthetic": c.synthetic,
+                "baseline": c.baseline.name if c.baseline else "",
+                x: real_images[c.name],
+            }
+            for c in cells
+        ]
+    ).set_index("cell")
+    folder = Path(out) if out else Path("outputs") / "experiments" / name
+    summary, _, markdown = report(results, table, folder, metric, minority_metric, x)
+
+    now = int(pd.Timestamp.now().timestamp() * 1000)
+    for cell, rows in summary.groupby("cell", sort=False):
+        metrics = [Metric("seeds", float(rows["n"].max()), now, 0)]
+        for row in rows.itertuples():
+            metrics += [
+                Metric(row.metric, float(row.median), now, 0),
+                Metric(f"{row.metric}/ci_low", float(row.ci_low), now, 0),
+                Metric(f"{row.metric}/ci_high", float(row.ci_high), now, 0),
+            ]
+        client.log_batch(cell_runs[cell], metrics=metrics)
+        client.set_terminated(cell_runs[cell], "FINISHED")
+    client.log_artifacts(parent, str(folder), "report")
+    client.set_terminated(parent, "FINISHED")
+    print(markdown)
+    print(f"report: {folder.resolve()}; MLflow parent run {parent} (experiment {name!r})")
+    return parent
