@@ -57,7 +57,7 @@ from synaug.cli import SynAugCLI
 from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
 from synaug.generators.transform import needed, write_transforms
-from synaug.tracking import artifact_location, git_commit, tracking_uri
+from synaug.tracking import experiment_id, git_commit, tracking_uri
 
 # data settings a cell decides; `base` and the classifiers must leave them to the grid
 CELL_KEYS = ("synthetic", "synthetic_ratio", "augment_classes", "replace_prob", "seed", "subset_seed")
@@ -289,11 +289,6 @@ def find_or_create(
         client.update_run(runs[0].info.run_id, status="RUNNING")
         return runs[0].info.run_id
     return client.create_run(experiment_id, run_name=run_name, tags={**key, **tags}).info.run_id
-
-
-def mlflow_experiment(client: MlflowClient, name: str, uri: str) -> str:
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
 
 
 def complete(run: Run, metric: str) -> bool:
@@ -550,7 +545,7 @@ def experiment(
 
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
-    exp_id = mlflow_experiment(client, name, uri)
+    exp_id = experiment_id(client, name, uri)
     # Instantiate each classifier x policy once before anything trains: a typo fails now, not hours in.
     for clf, policy in dict.fromkeys((c.classifier, c.policy) for c in cells):
         SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)

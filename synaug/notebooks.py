@@ -270,11 +270,10 @@ def demo_experiment(name: str, tracking_uri: str, seeds: int = 3, gain: float = 
     Logged in the shape the notebook reads (see the module docstring): a parent run tagged `experiment`, a
     child run per cell and a grandchild run per seed, in the MLflow experiment `name`. Returns the parent's id.
     """
-    from synaug.tracking import artifact_location  # here: see the module docstring
+    from synaug.tracking import experiment_id  # here: see the module docstring
 
     c = mlflow.MlflowClient(tracking_uri)
-    exp = c.get_experiment_by_name(name)
-    exp_id = exp.experiment_id if exp else c.create_experiment(name, artifact_location(tracking_uri))
+    exp_id = experiment_id(c, name, tracking_uri)
     rng = np.random.default_rng(0)
     cells = {
         "basic_cnn/hflip": dict(generator="none", ratio="0.0"),

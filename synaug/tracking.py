@@ -37,6 +37,12 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
+def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
+    """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+
+
 class MLFlowLogger(_MLFlowLogger):
     """Lightning's MLFlowLogger with synaug's defaults: the local SQLite store and its artifact folder."""
 

@@ -54,12 +54,11 @@ from synaug.experiment import (
     experiment,
     log_counts,
     merge,
-    mlflow_experiment,
     prepare,
     run_config,
     search,
 )
-from synaug.tracking import STORE, tracking_uri
+from synaug.tracking import STORE, experiment_id, tracking_uri
 
 Report = Callable[[int, float], bool]  # (epoch, value) -> prune?
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -201,7 +200,7 @@ def tune(
 
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
-    exp_id = mlflow_experiment(client, name, uri)
+    exp_id = experiment_id(client, name, uri)
     SynAugCLI(args=run_config(config, {}, 0, name, uri), run=False)  # a typo fails now, not in trial 1
     # every real data setting at the largest ratios: leakage or too few synthetic images fail before trial 0
     largest = {c: hi for c, (_, hi) in ratio.items()}

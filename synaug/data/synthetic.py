@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,3 +121,21 @@ class SyntheticWriter:
         with self.manifest.open("a", newline="") as f:
             csv.writer(f).writerow([row[c] for c in COLUMNS])
         return self.folder / rel
+
+
+def claim_folder(out: Path, settings: dict) -> None:
+    """Make `out` the folder of one generation with `settings`; a rerun with the same settings resumes it."""
+    file = out / "generation.json"
+    if file.exists():
+        before = json.loads(file.read_text())
+        if before != settings:
+            raise ValueError(
+                f"{out} holds images generated with {before}; this call asks for {settings}. "
+                "Resume with the same settings, or write to another folder."
+            )
+    elif (out / "manifest.csv").exists():
+        raise ValueError(
+            f"{out} already holds a synthetic manifest from another generation; use a new folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    file.write_text(json.dumps(settings, indent=2))

@@ -5,7 +5,8 @@ would shadow its module.
 """
 
 from synaug.generators.diffusion import PRESETS, build_unet, sample
-from synaug.generators.diffusion_module import ClassConditionalDiffusion, GeneratorMeta, load_generator
+from synaug.generators.diffusion_module import ClassConditionalDiffusion, load_generator
+from synaug.generators.export import GeneratorMeta
 
 __all__ = [
     "PRESETS",

@@ -22,10 +22,8 @@ images in the training set it is given) at the start of fit; without it the expo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +41,7 @@ from torchvision.utils import make_grid
 
 from synaug.data.synthetic import train_set_fingerprint
 from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
-from synaug.generators.export import export_dir, record_training_set
+from synaug.generators.export import GeneratorMeta, export_dir, record_training_set
 from synaug.tracking import git_commit, log_figure
 
 log = logging.getLogger(__name__)
@@ -248,17 +246,6 @@ def sample_grid(images: torch.Tensor, class_names: list[str]) -> plt.Figure:
     return fig
 
 
-@dataclass
-class GeneratorMeta:
-    class_names: list[str]
-    image_size: int
-    channels: int
-    run_id: str
-    train_ids: list[str]
-    noise_schedule: dict[str, Any]  # the training DDPMScheduler config
-    checkpoint: str  # sha256 of the weights file: the safetensors of an export, or the .ckpt
-
-
 def load_generator(path: str | Path) -> tuple[UNet2DModel, GeneratorMeta]:
     """Load the EMA UNet and its metadata from an export folder (primary) or a Lightning `.ckpt`.
 
@@ -272,37 +259,11 @@ def load_generator(path: str | Path) -> tuple[UNet2DModel, GeneratorMeta]:
                 f"{path}: not a generator export (no unet/diffusion_pytorch_model.safetensors)"
             )
         unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
-        info = json.loads((path / "generator.json").read_text())
-        ids = (path / "train_ids.txt").read_text()
-        meta = GeneratorMeta(
-            class_names=info["class_names"],
-            image_size=info["image_size"],
-            channels=info["channels"],
-            run_id=info["run_id"],
-            train_ids=ids.split("\n") if ids else [],
-            noise_schedule=dict(DDPMScheduler.load_config(path / "scheduler")),
-            checkpoint=sha256(weights),
-        )
+        meta = GeneratorMeta.from_export(path, weights, dict(DDPMScheduler.load_config(path / "scheduler")))
     elif path.suffix == ".ckpt":
         module = ClassConditionalDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         unet = module.ema_unet()
-        meta = GeneratorMeta(
-            class_names=module.class_names,
-            image_size=module.hparams.image_size,
-            channels=module.hparams.in_chans,
-            run_id=module.run_id,
-            train_ids=module.train_ids,
-            noise_schedule=dict(module.noise_scheduler.config),
-            checkpoint=sha256(path),
-        )
+        meta = GeneratorMeta.from_module(module, path, dict(module.noise_scheduler.config))
     else:
         raise FileNotFoundError(f"{path}: expected a generator export folder or a Lightning .ckpt file")
     return unet.eval(), meta
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -76,12 +76,12 @@ from transformers import CLIPTextModel
 
 from synaug.cache import cache_dir, key_hash
 from synaug.data.images import IMAGE_EXTENSIONS, load_image
-from synaug.data.synthetic import SyntheticWriter, train_set_fingerprint
+from synaug.data.synthetic import SyntheticWriter, claim_folder, train_set_fingerprint
 from synaug.generators.diffusion import SamplerName, inference_scheduler
 from synaug.generators.diffusion_module import sample_grid
 from synaug.generators.export import export_dir, record_training_set
 from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion import SD15, claim_folder, files_digest, load_pipeline, pick_device
+from synaug.generators.stable_diffusion import SD15, files_digest, load_pipeline, pick_device
 from synaug.tracking import git_commit, log_figure
 
 log = logging.getLogger(__name__)

@@ -3,8 +3,12 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as L
 from lightning.pytorch.loggers import MLFlowLogger
@@ -34,3 +38,54 @@ def export_dir(module: L.LightningModule) -> Path:
     if ckpt is not None and ckpt.dirpath:
         return Path(ckpt.dirpath).parent / "generator"
     return Path(module.trainer.default_root_dir) / "generator"
+
+
+@dataclass
+class GeneratorMeta:
+    """What `synaug generate` needs to know of a trained generator besides its weights."""
+
+    class_names: list[str]
+    image_size: int
+    channels: int
+    run_id: str
+    train_ids: list[str]
+    noise_schedule: dict[str, Any]  # the training DDPMScheduler config (diffusion only)
+    checkpoint: str  # sha256 of the weights file: the safetensors of an export, or the .ckpt
+
+    @classmethod
+    def from_export(cls, folder: Path, weights: Path, noise_schedule: dict | None = None) -> GeneratorMeta:
+        """From an export folder's `generator.json` and `train_ids.txt` (what `save_pretrained` writes)."""
+        info = json.loads((folder / "generator.json").read_text())
+        ids = (folder / "train_ids.txt").read_text()
+        return cls(
+            class_names=info["class_names"],
+            image_size=info["image_size"],
+            channels=info["channels"],
+            run_id=info["run_id"],
+            train_ids=ids.split("\n") if ids else [],
+            noise_schedule=noise_schedule or {},
+            checkpoint=sha256(weights),
+        )
+
+    @classmethod
+    def from_module(
+        cls, module: L.LightningModule, ckpt: Path, noise_schedule: dict | None = None
+    ) -> GeneratorMeta:
+        """From a generator LightningModule restored from its checkpoint `ckpt`."""
+        return cls(
+            class_names=module.class_names,
+            image_size=module.hparams.image_size,
+            channels=module.hparams.in_chans,
+            run_id=module.run_id,
+            train_ids=module.train_ids,
+            noise_schedule=noise_schedule or {},
+            checkpoint=sha256(ckpt),
+        )
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from synaug.data.synthetic import SyntheticWriter
+from synaug.data.synthetic import SyntheticWriter, claim_folder
 from synaug.generators.diffusion import SamplerName, sample
 from synaug.generators.diffusion_module import load_generator
 from synaug.generators.pggan import sample as pggan_sample
@@ -125,20 +125,7 @@ def generate(
         raise ValueError(f"negative image counts: {negative}")
 
     out = Path(out)
-    settings_file = out / "generation.json"
-    if settings_file.exists():
-        before = json.loads(settings_file.read_text())
-        if before != settings:
-            raise ValueError(
-                f"{out} holds images generated with {before}; this call asks for {settings}. "
-                "Resume with the same settings, or write to another folder."
-            )
-    elif (out / "manifest.csv").exists():
-        raise ValueError(
-            f"{out} already holds a synthetic manifest from another generation; use a new folder"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    claim_folder(out, settings)
 
     writer = SyntheticWriter(
         out, generator=kind, run_id=meta.run_id, checkpoint=meta.checkpoint, train_ids=meta.train_ids

@@ -57,8 +57,8 @@ from safetensors.torch import load_file, save_file
 
 from synaug.data.synthetic import train_set_fingerprint
 from synaug.generators.diffusion import pad_to
-from synaug.generators.diffusion_module import GeneratorMeta, sample_grid, sha256
-from synaug.generators.export import export_dir, record_training_set
+from synaug.generators.diffusion_module import sample_grid
+from synaug.generators.export import GeneratorMeta, export_dir, record_training_set
 from synaug.generators.pggan import (
     Discriminator,
     Generator,
@@ -445,28 +445,11 @@ def load_pggan(path: str | Path) -> tuple[Generator, GeneratorMeta]:
         g = Generator(**info["architecture"])
         g.load_state_dict(load_file(weights))
         g.stage, g.alpha = info["stage"], info["alpha"]
-        ids = (path / "train_ids.txt").read_text()
-        meta = GeneratorMeta(
-            class_names=info["class_names"],
-            image_size=info["image_size"],
-            channels=info["channels"],
-            run_id=info["run_id"],
-            train_ids=ids.split("\n") if ids else [],
-            noise_schedule={},
-            checkpoint=sha256(weights),
-        )
+        meta = GeneratorMeta.from_export(path, weights)
     elif path.suffix == ".ckpt":
         module = ProgressiveGAN.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         g = module.ema_generator()
-        meta = GeneratorMeta(
-            class_names=module.class_names,
-            image_size=module.hparams.image_size,
-            channels=module.hparams.in_chans,
-            run_id=module.run_id,
-            train_ids=module.train_ids,
-            noise_schedule={},
-            checkpoint=sha256(path),
-        )
+        meta = GeneratorMeta.from_module(module, path)
     else:
         raise FileNotFoundError(f"{path}: expected a PGGAN export folder or a Lightning .ckpt file")
     return g.requires_grad_(False).eval(), meta

@@ -636,12 +636,7 @@ def quality(
 
     uri = tracking.tracking_uri(tracking_uri)
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = (
-        exp.experiment_id
-        if exp
-        else client.create_experiment(experiment, artifact_location=tracking.artifact_location(uri))
-    )
+    exp_id = tracking.experiment_id(client, experiment, uri)
     run_id = client.create_run(
         exp_id, run_name=run_name, tags={"synaug.command": "quality", "synaug.commit": tracking.git_commit()}
     ).info.run_id

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Literal
@@ -33,8 +32,8 @@ from tqdm.auto import tqdm
 
 from synaug.data.images import IMAGE_EXTENSIONS, open_image, to_mode
 from synaug.data.sources import DataError, load_source
-from synaug.data.synthetic import SyntheticWriter
-from synaug.generators.diffusion_module import sha256
+from synaug.data.synthetic import SyntheticWriter, claim_folder
+from synaug.generators.export import sha256
 from synaug.generators.generate import image_seed
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -98,24 +97,6 @@ def files_digest(files: list[Path]) -> str:
     if len(files) == 1:
         return sha256(files[0])
     return hashlib.sha256("\n".join(sha256(f) for f in files).encode()).hexdigest()
-
-
-def claim_folder(out: Path, settings: dict) -> None:
-    """Make `out` the folder of one generation with `settings`; a rerun with the same settings resumes it."""
-    file = out / "generation.json"
-    if file.exists():
-        before = json.loads(file.read_text())
-        if before != settings:
-            raise ValueError(
-                f"{out} holds images generated with {before}; this call asks for {settings}. "
-                "Resume with the same settings, or write to another folder."
-            )
-    elif (out / "manifest.csv").exists():
-        raise ValueError(
-            f"{out} already holds a synthetic manifest from another generation; use a new folder"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    file.write_text(json.dumps(settings, indent=2))
 
 
 def pick_device(device: str) -> torch.device:

@@ -14,7 +14,6 @@ any of them, so a reduced real set needs a folder made from that same subset (`r
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Literal
@@ -26,7 +25,7 @@ from tqdm.auto import tqdm
 
 from synaug.data.mixing import plan
 from synaug.data.sources import ImageSource, load_source
-from synaug.data.synthetic import SyntheticWriter, train_set_fingerprint
+from synaug.data.synthetic import SyntheticWriter, claim_folder, train_set_fingerprint
 from synaug.data.transforms import Policy, policy_transform
 from synaug.generators.generate import image_seed
 
@@ -116,20 +115,7 @@ def write_transforms(
         seed=seed,
         train_set=train_set_fingerprint(train_ids),
     )
-    settings_file = out_dir / "generation.json"
-    if settings_file.exists():
-        before = json.loads(settings_file.read_text())
-        if before != settings:
-            raise ValueError(
-                f"{out_dir} holds images generated with {before}; this call asks for {settings}. "
-                "Resume with the same settings, or write to another folder."
-            )
-    elif (out_dir / "manifest.csv").exists():
-        raise ValueError(
-            f"{out_dir} already holds a synthetic manifest from another generation; use a new folder"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings_file.write_text(json.dumps(settings, indent=2))
+    claim_folder(out_dir, settings)
 
     writer = SyntheticWriter(
         out_dir, generator="transform", run_id=f"transform-{policy}", train_ids=train_ids

@@ -29,7 +29,7 @@ from synaug.data.sources import ImageSource, OnBad, load_source
 from synaug.sampling.cluster import ClassClusters, cluster_class
 from synaug.sampling.embed import create_embedder, embed_images
 from synaug.sampling.plots import Projection, grid_figure, map_figure
-from synaug.tracking import artifact_location, git_commit, log_figure, tracking_uri
+from synaug.tracking import experiment_id, git_commit, log_figure, tracking_uri
 
 MANIFEST_COLUMNS = ["id", "path", "class", "label", "cluster", "rank", "similarity"]
 
@@ -148,8 +148,7 @@ def sample(
 
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location(uri))
+    exp_id = experiment_id(client, experiment, uri)
     run_id = client.create_run(
         exp_id,
         run_name=run_name,

@@ -8,7 +8,8 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from toy import toy_data  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.generators import ClassConditionalDiffusion, build_unet, load_generator, sample
 from synaug.generators.diffusion import canvas_size
@@ -17,25 +18,6 @@ from synaug.tracking import MLFlowLogger
 TINY3 = dict(
     block_out_channels=(16, 16, 32), down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Several test processes share two cores: more than one intra-op thread each makes them spin-wait.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def toy_data(n: int = 8, size: int = 16) -> TensorDataset:
-    """Class 0: a bright square on black; class 1: a dark square on grey."""
-    x = torch.zeros(n, 1, size, size)
-    y = torch.arange(n) % 2
-    x[y == 1] = 0.5
-    x[y == 0, :, 4:12, 4:12] = 1.0
-    x[y == 1, :, 4:12, 4:12] = 0.0
-    return TensorDataset(x, y, torch.arange(n))
 
 
 def tiny_module(**kw) -> ClassConditionalDiffusion:

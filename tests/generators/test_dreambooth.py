@@ -10,10 +10,10 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from sd_dummy import (
-    save_dummy_pipeline,
     save_dummy_sdxl_pipeline,
 )  # tests/generators/ is on sys.path (pytest rootdir-less import)
 from torch.utils.data import DataLoader, TensorDataset
+from toy import toy_data  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
 from synaug.generators.diffusion import inference_scheduler
@@ -23,29 +23,6 @@ from synaug.generators.stable_diffusion import load_pipeline
 from synaug.tracking import MLFlowLogger
 
 CLASSES = ["glioma", "meningioma"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_dummy_pipeline(tmp_path_factory.mktemp("sd")))
-
-
-def toy_data(n: int = 4) -> TensorDataset:
-    """16 px grey images: class 0 a bright square on black, class 1 a dark square on grey."""
-    x = torch.zeros(n, 1, 16, 16)
-    y = torch.arange(n) % 2
-    x[y == 1] = 0.5
-    x[y == 0, :, 4:12, 4:12] = 1.0
-    x[y == 1, :, 4:12, 4:12] = 0.0
-    return TensorDataset(x, y, torch.arange(n))
 
 
 def module(tiny, **kw) -> DreamBooth:
@@ -102,7 +79,7 @@ def lora_run(tiny, tmp_path_factory):
     The tiny UNet has attention at one 8-channel level only: adapters on the attention projections alone barely
     move its loss, so this run also adapts the input and output convolutions."""
     tmp = tmp_path_factory.mktemp("lora")
-    data = toy_data()
+    data = toy_data(4)
     targets = ("to_q", "to_k", "to_v", "to_out.0", "conv_in", "conv_out")
     m = module(tiny, rank=4, lora_alpha=8, target_modules=targets, lr=3e-2, validation_every=10)
     before = fixed_loss(m, data)
@@ -169,7 +146,7 @@ def test_validation_grids_go_to_mlflow(lora_run):
 
 
 def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
-    data = DataLoader(toy_data(), batch_size=2)  # 2 batches an epoch; the checkpoint falls on a boundary
+    data = DataLoader(toy_data(4), batch_size=2)  # 2 batches an epoch; the checkpoint falls on a boundary
     every2 = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1)
     kw = dict(lr_schedule="cosine", snr_gamma=5.0)
     full = module(tiny, **kw)
@@ -187,11 +164,11 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tiny, tmp_path):
 def test_prior_preservation_batch_holds_instance_and_class_images_in_proportion(tiny, tmp_path):
     folder = tmp_path / "class_images"
     m = module(tiny, prior_preservation=True, prior_ratio=0.5, num_class_images=3, class_images=str(folder))
-    trainer(tmp_path, 2).fit(m, train_dataloaders=DataLoader(toy_data(), batch_size=4))
+    trainer(tmp_path, 2).fit(m, train_dataloaders=DataLoader(toy_data(4), batch_size=4))
     assert sorted(p.name for p in folder.iterdir()) == ["000000.png", "000001.png", "000002.png"]
     assert m.class_pixels.shape == (3, 3, 32, 32)
 
-    x, y, _ = toy_data().tensors
+    x, y, _ = toy_data(4).tensors
     pixels, ids = m.model_inputs(x, y, torch.Generator().manual_seed(0))
     assert pixels.shape == (4 + 2, 3, 32, 32)
     assert torch.equal(ids[:4], m.prompt_ids[y]) and (ids[4:] == m.class_prompt_ids).all()
@@ -213,7 +190,7 @@ def test_textual_inversion_trains_only_the_new_rows(tiny, tmp_path):
     assert m.trained_names() == ["text_encoder.embeddings.token_embedding.new"]
     frozen = {k: v.clone() for k, v in m.state_dict().items() if not k.endswith("token_embedding.new")}
     new = emb.new.detach().clone()
-    data = TensorDataset(*[t[::2] for t in toy_data().tensors])  # glioma images only
+    data = TensorDataset(*[t[::2] for t in toy_data(4).tensors])  # glioma images only
     t = trainer(tmp_path, 3)
     t.fit(m, train_dataloaders=DataLoader(data, batch_size=2))
     for k, v in m.state_dict().items():
@@ -237,7 +214,7 @@ def test_textual_inversion_trains_only_the_new_rows(tiny, tmp_path):
 def test_full_finetune_checkpoint_holds_the_unet_only(tiny, tmp_path):
     m = module(tiny, method="full", lr=1e-3)
     trainer(tmp_path, 1, enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path / "c")]).fit(
-        m, train_dataloaders=DataLoader(toy_data(), batch_size=4)
+        m, train_dataloaders=DataLoader(toy_data(4), batch_size=4)
     )
     keys = set(torch.load(next((tmp_path / "c").glob("*.ckpt")), weights_only=True)["state_dict"])
     assert keys == {f"unet.{k}" for k, _ in m.unet.named_parameters()}
@@ -268,7 +245,7 @@ def test_sdxl_lora_with_both_text_encoders_reloads_with_the_same_output(tmp_path
     tiny_xl = str(save_dummy_sdxl_pipeline(tmp_path))
     m = module(tiny_xl, train_text_encoder=True, lr=3e-2)
     assert {n.split(".")[0] for n in m.trained_names()} == {"unet", "text_encoder", "text_encoder_2"}
-    trainer(tmp_path, 2).fit(m, train_dataloaders=DataLoader(toy_data(), batch_size=4))
+    trainer(tmp_path, 2).fit(m, train_dataloaders=DataLoader(toy_data(4), batch_size=4))
     export = m.save_pretrained(tmp_path / "export")
     assert [p.name for p in export.glob("*.safetensors")] == ["pytorch_lora_weights.safetensors"]
 
@@ -292,7 +269,7 @@ def test_bad_configurations_are_errors(tiny):
     m = module(tiny, classes=["glioma"])
     m.learns = torch.tensor([True, False])
     with pytest.raises(ValueError, match=r"holds class\(es\) \['meningioma'\]"):
-        m.training_step(toy_data().tensors, 0)
+        m.training_step(toy_data(4).tensors, 0)
     assert isinstance(load_pipeline(tiny), StableDiffusionPipeline)
 
 

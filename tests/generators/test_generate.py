@@ -16,14 +16,6 @@ TRAIN_IDS = ["train/glioma/1.png", "train/glioma/2.png", "train/meningioma/1.png
 SETTINGS = dict(steps=2, batch_size=4, device="cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """An untrained tiny generator, exported as training would leave it, with its provenance."""

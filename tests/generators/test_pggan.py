@@ -16,12 +16,13 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
+from toy import toy_data  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 import synaug.generators.generate as gen_module
 from synaug.cli import SynAugCLI, main
 from synaug.data import ClassificationData
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.diffusion_module import sha256
+from synaug.generators.export import sha256
 from synaug.generators.generate import generate, image_seed
 from synaug.generators.pggan import (
     Discriminator,
@@ -38,34 +39,6 @@ from synaug.tracking import MLFlowLogger
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "generators"
 TINY = dict(latent_dim=16, channel_base=64, max_channels=16)  # 16, 8, 4 feature maps at 4, 8, 16 px
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Several test processes share two cores: more than one intra-op thread each makes them spin-wait.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _writes_nothing_in_the_working_directory():
-    # Exports and checkpoints belong under the trainer's default_root_dir or the logger's run folder.
-    before = set(Path.cwd().iterdir())
-    yield
-    new = {q.name for q in set(Path.cwd().iterdir()) - before}
-    assert not new & {"generator", "checkpoints", "lightning_logs", "outputs"}, new
-
-
-def toy_data(n: int = 8, size: int = 16) -> TensorDataset:
-    """Class 0: a bright square on black; class 1: a dark square on grey."""
-    x = torch.zeros(n, 1, size, size)
-    y = torch.arange(n) % 2
-    x[y == 1] = 0.5
-    x[y == 0, :, 4:12, 4:12] = 1.0
-    x[y == 1, :, 4:12, 4:12] = 0.0
-    return TensorDataset(x, y, torch.arange(n))
 
 
 def tiny_module(**kw) -> ProgressiveGAN:

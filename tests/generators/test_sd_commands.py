@@ -3,12 +3,10 @@
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
-from sd_dummy import save_dummy_pipeline  # tests/generators/ is on sys.path (pytest rootdir-less import)
+from toy import image_folder  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.cli import main
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
@@ -17,32 +15,9 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "generators"
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]  # the brain MRI classes the configs name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_dummy_pipeline(tmp_path_factory.mktemp("sd")))
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """Grey 16 px images: 3 training images per class, 1 validation, 1 test."""
-    root = tmp_path_factory.mktemp("real")
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 3), ("val", 1), ("test", 1)]:
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(
-                    root / split / c / f"{i}.png"
-                )
-    return root
+    return image_folder(tmp_path_factory.mktemp("real"), CLASSES)
 
 
 def test_dreambooth_lora_on_one_cluster_then_generate_resumably(tiny, real, tmp_path):

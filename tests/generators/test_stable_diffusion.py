@@ -8,11 +8,11 @@ import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 from PIL import Image
-from sd_dummy import save_dummy_pipeline  # tests/generators/ is on sys.path (pytest rootdir-less import)
+from toy import image_folder  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.data.sources import DataError
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.diffusion_module import sha256
+from synaug.generators.export import sha256
 from synaug.generators.generate import image_seed
 from synaug.generators.stable_diffusion import (
     CheckpointNotFoundError,
@@ -24,32 +24,9 @@ from synaug.generators.stable_diffusion import (
 CLASSES = ["glioma", "meningioma"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return str(save_dummy_pipeline(tmp_path_factory.mktemp("sd")))
-
-
 @pytest.fixture(scope="module")
 def real(tmp_path_factory):
-    """A grey image folder with splits: 3 training images per class, 1 validation, 1 test."""
-    root = tmp_path_factory.mktemp("real")
-    rng = np.random.default_rng(0)
-    for split, n in [("train", 3), ("val", 1), ("test", 1)]:
-        for c in CLASSES:
-            (root / split / c).mkdir(parents=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(
-                    root / split / c / f"{i}.png"
-                )
-    return root
+    return image_folder(tmp_path_factory.mktemp("real"), CLASSES)
 
 
 SETTINGS = dict(per_image=2, strength=0.2, steps=10, image_size=32, batch_size=4, device="cpu")
