@@ -22,9 +22,9 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-from synaug.experiment import mlflow_experiment, search
+from synaug.experiment import search
 from synaug.generators.transform import transform_generate
-from synaug.tracking import tracking_uri
+from synaug.tracking import experiment_id, tracking_uri
 
 URL = os.environ.get("SYNAUG_POSTGRES_URL", "postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test")
 SYNAUG = Path(sys.executable).with_name("synaug")
@@ -101,7 +101,7 @@ def config(postgres, breast_npz, tmp_path_factory) -> dict:
     # new database at once collide (both Optuna's and MLflow's).
     optuna.create_study(study_name=study, storage=postgres, direction="maximize")
     uri = tracking_uri()
-    mlflow_experiment(mlflow.MlflowClient(uri), study, uri)
+    experiment_id(mlflow.MlflowClient(uri), study, uri)
     return {"path": path, "study": study, "storage": postgres}
 
 

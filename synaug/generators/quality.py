@@ -638,7 +638,7 @@ def quality(
     client = mlflow.MlflowClient(uri)
     exp_id = tracking.experiment_id(client, experiment, uri)
     run_id = client.create_run(
-        exp_id, run_name=run_name, tags={"synaug.command": "quality", "synaug.commit": tracking.git_commit()}
+        exp_id, run_name=run_name, tags={"synaug.command": "quality", "git_commit": tracking.git_commit()}
     ).info.run_id
     params = dict(
         data=data,
