@@ -39,10 +39,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from synaug.data.synthetic import train_set_fingerprint
 from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
-from synaug.generators.export import GeneratorMeta, export_dir, record_training_set
-from synaug.tracking import git_commit, log_figure
+from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
+from synaug.tracking import log_figure
 
 log = logging.getLogger(__name__)
 
@@ -193,16 +192,12 @@ class ClassConditionalDiffusion(L.LightningModule):
         folder = Path(folder)
         self.ema_unet().save_pretrained(folder / "unet", safe_serialization=True)
         self.noise_scheduler.save_pretrained(folder / "scheduler")
-        (folder / "train_ids.txt").write_text("\n".join(self.train_ids))
         meta = dict(
             kind="diffusion",
             class_names=self.class_names,
             image_size=self.hparams.image_size,
             channels=self.hparams.in_chans,
-            run_id=self.run_id,
-            train_set=train_set_fingerprint(self.train_ids) if self.train_ids else "",
-            global_step=self.global_step,
-            git_commit=git_commit(),
+            **provenance(self, folder),
         )
         (folder / "generator.json").write_text(json.dumps(meta, indent=2))
         log.info("exported the EMA generator to %s", folder)

@@ -76,13 +76,13 @@ from transformers import CLIPTextModel
 
 from synaug.cache import cache_dir, key_hash
 from synaug.data.images import IMAGE_EXTENSIONS, load_image
-from synaug.data.synthetic import SyntheticWriter, claim_folder, train_set_fingerprint
+from synaug.data.synthetic import SyntheticWriter, claim_folder
 from synaug.generators.diffusion import SamplerName, inference_scheduler
 from synaug.generators.diffusion_module import sample_grid
-from synaug.generators.export import export_dir, record_training_set
+from synaug.generators.export import export_dir, provenance, record_training_set
 from synaug.generators.generate import image_seed
 from synaug.generators.stable_diffusion import SD15, files_digest, load_pipeline, pick_device
-from synaug.tracking import git_commit, log_figure
+from synaug.tracking import log_figure
 
 log = logging.getLogger(__name__)
 Method = Literal["lora", "full", "textual_inversion"]
@@ -555,7 +555,6 @@ class DreamBooth(L.LightningModule):
                 row = rows[self.class_names.index(c)]
                 save_file({token: row[None].detach().float().cpu().contiguous()}, f)
                 weights.append(f)
-        (folder / "train_ids.txt").write_text("\n".join(self.train_ids))
         meta = dict(
             model=hp.model,
             method=hp.method,
@@ -564,10 +563,7 @@ class DreamBooth(L.LightningModule):
             prompts={c: self.prompts[c] for c in self.classes},
             resolution=hp.resolution,
             channels=hp.in_chans,
-            run_id=self.run_id,
-            train_set=train_set_fingerprint(self.train_ids) if self.train_ids else "",
-            global_step=self.global_step,
-            git_commit=git_commit(),
+            **provenance(self, folder),
             weights=[w.relative_to(folder).as_posix() for w in weights],
         )
         (folder / "dreambooth.json").write_text(json.dumps(meta, indent=2))

@@ -13,6 +13,9 @@ from typing import Any
 import lightning.pytorch as L
 from lightning.pytorch.loggers import MLFlowLogger
 
+from synaug.data.synthetic import train_set_fingerprint
+from synaug.tracking import git_commit
+
 log = logging.getLogger(__name__)
 
 
@@ -28,6 +31,17 @@ def record_training_set(module: L.LightningModule) -> None:
         ids = []
     module.train_ids = list(dict.fromkeys(module.train_ids + [str(i) for i in ids]))
     module.run_id = module.logger.run_id if isinstance(module.logger, MLFlowLogger) else ""
+
+
+def provenance(module: L.LightningModule, folder: Path) -> dict:
+    """Write `train_ids.txt` into the export `folder`; the provenance fields of its metadata file."""
+    (folder / "train_ids.txt").write_text("\n".join(module.train_ids))
+    return dict(
+        run_id=module.run_id,
+        train_set=train_set_fingerprint(module.train_ids) if module.train_ids else "",
+        global_step=module.global_step,
+        git_commit=git_commit(),
+    )
 
 
 def export_dir(module: L.LightningModule) -> Path:

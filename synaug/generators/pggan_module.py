@@ -55,10 +55,9 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from safetensors.torch import load_file, save_file
 
-from synaug.data.synthetic import train_set_fingerprint
 from synaug.generators.diffusion import pad_to
 from synaug.generators.diffusion_module import sample_grid
-from synaug.generators.export import GeneratorMeta, export_dir, record_training_set
+from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
 from synaug.generators.pggan import (
     Discriminator,
     Generator,
@@ -69,7 +68,7 @@ from synaug.generators.pggan import (
     sample,
     upsample,
 )
-from synaug.tracking import git_commit, log_figure
+from synaug.tracking import log_figure
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +378,6 @@ class ProgressiveGAN(L.LightningModule):
         folder.mkdir(parents=True, exist_ok=True)
         g = self.ema_generator()
         save_file({k: v.contiguous() for k, v in g.state_dict().items()}, folder / "generator.safetensors")
-        (folder / "train_ids.txt").write_text("\n".join(self.train_ids))
         meta = dict(
             kind="pggan",
             architecture=g.config,
@@ -389,10 +387,7 @@ class ProgressiveGAN(L.LightningModule):
             stage=g.stage,
             alpha=g.alpha,
             iteration=self.iteration,
-            run_id=self.run_id,
-            train_set=train_set_fingerprint(self.train_ids) if self.train_ids else "",
-            global_step=self.global_step,
-            git_commit=git_commit(),
+            **provenance(self, folder),
         )
         (folder / "generator.json").write_text(json.dumps(meta, indent=2))
         log.info("exported the EMA generator to %s", folder)

@@ -5,11 +5,11 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from toy import toy_data  # tests/generators/ is on sys.path (pytest rootdir-less import)
+from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.generators import ClassConditionalDiffusion, build_unet, load_generator, sample
 from synaug.generators.diffusion import canvas_size
@@ -34,20 +34,6 @@ def tiny_module(**kw) -> ClassConditionalDiffusion:
         ema_decay=0.9,
     )
     return ClassConditionalDiffusion(**{**args, **kw})
-
-
-def trainer(tmp_path, max_steps: int, **kw) -> Trainer:
-    args = dict(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    return Trainer(**{**args, **kw})
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -6,14 +6,13 @@ import mlflow
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from sd_dummy import (
     save_dummy_sdxl_pipeline,
 )  # tests/generators/ is on sys.path (pytest rootdir-less import)
 from torch.utils.data import DataLoader, TensorDataset
-from toy import toy_data  # tests/generators/ is on sys.path (pytest rootdir-less import)
+from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
 from synaug.generators.diffusion import inference_scheduler
@@ -41,20 +40,6 @@ def module(tiny, **kw) -> DreamBooth:
         class_image_steps=2,
     )
     return DreamBooth(**{**args, **kw})
-
-
-def trainer(tmp_path, max_steps: int, **kw) -> Trainer:
-    args = dict(
-        max_steps=max_steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    return Trainer(**{**args, **kw})
 
 
 def images(pipe: StableDiffusionPipeline, prompts: list[str], seeds: list[int], steps: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
-from toy import toy_data  # tests/generators/ is on sys.path (pytest rootdir-less import)
+from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 import synaug.generators.generate as gen_module
 from synaug.cli import SynAugCLI, main
@@ -57,18 +57,9 @@ def tiny_module(**kw) -> ProgressiveGAN:
     return ProgressiveGAN(**{**args, **kw})
 
 
-def trainer(tmp_path, iterations: int, **kw) -> Trainer:
-    args = dict(
-        max_steps=2 * iterations,  # Lightning counts the critic's and the generator's optimizer steps
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        deterministic=True,
-    )
-    return Trainer(**{**args, **kw})
+def gan_trainer(tmp_path, iterations: int, **kw) -> Trainer:
+    # Lightning counts the critic's and the generator's optimizer steps
+    return trainer(tmp_path, 2 * iterations, **kw)
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -190,7 +181,7 @@ def test_per_stage_batch_sizes(tmp_path, monkeypatch):
         return forward(x, labels, stage, alpha)
 
     monkeypatch.setattr(model.discriminator, "forward", recording)
-    trainer(tmp_path, 5).fit(model, one_batch())  # 4 px, fade to 8, 8, fade to 16, 16
+    gan_trainer(tmp_path, 5).fit(model, one_batch())  # 4 px, fade to 8, 8, fade to 16, 16
     assert set(seen) == {(4, 8), (8, 4), (16, 2)}
 
 
@@ -203,7 +194,7 @@ def test_training_moves_samples_toward_a_single_colour_dataset(tmp_path):
         return (sample(model.generator_ema, [0, 1] * 8).float() / 127.5 - 1 - 0.6).abs().mean().item()
 
     before = distance()
-    trainer(tmp_path, 60).fit(model, train_dataloaders=data)
+    gan_trainer(tmp_path, 60).fit(model, train_dataloaders=data)
     assert model.iteration == 60
     assert distance() < 0.5 * before, (before, distance())
 
@@ -245,7 +236,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("train")
     model = tiny_module(image_size=14, sample_every=4, sample_per_class=2)
     logger = MLFlowLogger(experiment_name="test-pggan")
-    t = trainer(
+    t = gan_trainer(
         tmp,
         12,
         logger=logger,
@@ -308,7 +299,7 @@ def run8(tmp_path_factory):
     kw = dict(batch_sizes=[8, 4, 2])  # stages 1 and 2 train on the first 4 and 2 rows of each batch
     model = tiny_module(**kw)
     every = ModelCheckpoint(dirpath=tmp / "ckpt", every_n_train_steps=2, save_top_k=-1)
-    t = trainer(tmp, 8, callbacks=[every], enable_checkpointing=True)
+    t = gan_trainer(tmp, 8, callbacks=[every], enable_checkpointing=True)
     t.fit(model, train_dataloaders=one_batch())
     return model, snapshot(model, t), tmp / "ckpt", kw
 
@@ -328,7 +319,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(run8, tmp_path):
     full, final, ckpts, kw = run8
     torch.manual_seed(123)  # a different init and global RNG state: the checkpoint must restore everything
     resumed = ProgressiveGAN(**full.hparams)
-    t = trainer(tmp_path, 8)
+    t = gan_trainer(tmp_path, 8)
     # Killed after iteration 3, in the middle of the 8 px fade-in (alpha 0.5, Adam state of that phase).
     t.fit(resumed, one_batch(), ckpt_path=ckpt_at(ckpts, 3))
     assert_same(snapshot(resumed, t), final)
@@ -339,7 +330,7 @@ def test_init_from_checkpoint_continues_like_a_resume(run8, tmp_path):
     full, final, ckpts, kw = run8
     # Same schedule and data order: a fine-tune from iteration 4 ends where the uninterrupted run did.
     model = tiny_module(**kw, init_from=str(ckpt_at(ckpts, 4)))
-    t = trainer(tmp_path, 4)
+    t = gan_trainer(tmp_path, 4)
     t.fit(model, one_batch())
     assert_same(snapshot(model, t), final)
 
@@ -350,7 +341,7 @@ def test_init_from_restores_stage_alpha_ema_and_optimizer_under_a_new_schedule(r
     saved = torch.load(path, weights_only=True)
     grab = Grab()
     model = tiny_module(**kw, fade=6, init_from=str(path))  # another schedule: resume at (1, 0.5)
-    trainer(tmp_path, 1, callbacks=[grab]).fit(model, one_batch())
+    gan_trainer(tmp_path, 1, callbacks=[grab]).fit(model, one_batch())
     s = grab.state
     assert s["growth"] == (1, 0.5) and s["iteration"] == 2 + 3 and s["phase"] == saved["pggan"]["phase"]
     for k, v in saved["state_dict"].items():
@@ -364,7 +355,7 @@ def test_init_from_restores_stage_alpha_ema_and_optimizer_under_a_new_schedule(r
     grab = Grab()
     three = tiny_module(**kw, num_classes=3, class_names=["x", "y", "z"], init_from=str(path))
     fresh = {k: v.clone() for k, v in three.state_dict().items()}
-    trainer(tmp_path, 1, callbacks=[grab]).fit(three, one_batch())
+    gan_trainer(tmp_path, 1, callbacks=[grab]).fit(three, one_batch())
     for k, v in grab.state["weights"].items():
         assert torch.equal(v, fresh[k] if k.endswith("embed.weight") else saved["state_dict"][k]), k
     g_state = grab.state["optimizers"][0]["state"]
@@ -377,7 +368,7 @@ def test_init_from_an_export_folder(run8, tmp_path):
     folder = full.save_pretrained(tmp_path / "export")
     grab = Grab()
     model = tiny_module(**kw, init_from=str(folder))
-    trainer(tmp_path, 1, callbacks=[grab]).fit(model, one_batch())
+    gan_trainer(tmp_path, 1, callbacks=[grab]).fit(model, one_batch())
     weights = load_file(folder / "generator.safetensors")
     for k, v in weights.items():  # the EMA generator becomes both the generator and its EMA
         assert torch.equal(grab.state["weights"][f"generator.{k}"], v)
@@ -391,7 +382,7 @@ def test_a_schedule_in_epochs_resolves_from_the_training_set(tmp_path):
     with pytest.raises(RuntimeError, match="known once `setup`"):
         model.growth(0)
     with pytest.raises(ValueError, match="needs the training set's size"):  # a plain DataLoader has none
-        trainer(tmp_path, 1).fit(model, one_batch())
+        gan_trainer(tmp_path, 1).fit(model, one_batch())
 
 
 # ---- generation ----

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from lightning.pytorch import Trainer
 from PIL import Image
 from torch.utils.data import TensorDataset
 
@@ -29,3 +30,18 @@ def image_folder(root: Path, classes: list[str], size: int = 16) -> Path:
                     root / split / c / f"{i}.png"
                 )
     return root
+
+
+def trainer(tmp_path: Path, max_steps: int, **kw) -> Trainer:
+    """A quiet, deterministic CPU trainer that writes only under `tmp_path`."""
+    args = dict(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        deterministic=True,
+    )
+    return Trainer(**{**args, **kw})
