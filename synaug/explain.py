@@ -513,12 +513,7 @@ def explain(
     print(f"Grad-CAM of {checkpoint} on '{split}' real vs synthetic images (mean maps; {score}):")
     print(table.to_string(float_format="{:.3f}".format))
 
-    uri = tracking.tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(uri)
-    exp_id = tracking.experiment_id(client, experiment, uri)
-    run_id = client.create_run(
-        exp_id, run_name=run_name, tags={"synaug.command": "explain", "git_commit": tracking.git_commit()}
-    ).info.run_id
+    client, run_id = tracking.command_run(experiment, run_name, tracking_uri, {"synaug.command": "explain"})
     params = dict(
         checkpoint=checkpoint,
         data=data,
@@ -538,5 +533,5 @@ def explain(
         client.log_metric(run_id, f"explain/synthetic_acc/{c}", row["synthetic_acc"])
     client.log_text(run_id, table.to_csv(), "explain/similarity.csv")
     client.set_terminated(run_id)
-    print(f"MLflow run {run_id} ({uri})")
+    print(f"MLflow run {run_id} ({tracking.tracking_uri(tracking_uri)})")
     return table

@@ -43,6 +43,18 @@ def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
 
 
+def command_run(
+    experiment: str, run_name: str | None, uri: str | None, tags: dict[str, str]
+) -> tuple[mlflow.MlflowClient, str]:
+    """A new MLflow run for a command (`synaug sample`, `quality`, `explain`), tagged with the git commit."""
+    uri = tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    run = client.create_run(
+        experiment_id(client, experiment, uri), run_name=run_name, tags={**tags, "git_commit": git_commit()}
+    )
+    return client, run.info.run_id
+
+
 class MLFlowLogger(_MLFlowLogger):
     """Lightning's MLFlowLogger with synaug's defaults: the local SQLite store and its artifact folder."""
 

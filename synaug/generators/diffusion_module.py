@@ -39,6 +39,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
+from synaug.generators import export
 from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
 from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
 from synaug.tracking import log_figure
@@ -92,9 +93,7 @@ class ClassConditionalDiffusion(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = class_names or [str(i) for i in range(num_classes)]
-        if len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names {class_names} for {num_classes} classes")
+        class_names = export.class_names(num_classes, class_names)
         if not 0 <= p_uncond < 1:
             raise ValueError(f"p_uncond must lie in [0, 1); got {p_uncond}")
         self.save_hyperparameters()

@@ -77,6 +77,7 @@ from transformers import CLIPTextModel
 from synaug.cache import cache_dir, key_hash
 from synaug.data.images import IMAGE_EXTENSIONS, load_image
 from synaug.data.synthetic import SyntheticWriter, claim_folder
+from synaug.generators import export
 from synaug.generators.diffusion import SamplerName, inference_scheduler
 from synaug.generators.diffusion_module import sample_grid
 from synaug.generators.export import export_dir, provenance, record_training_set
@@ -176,9 +177,7 @@ class DreamBooth(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = class_names or [str(i) for i in range(num_classes)]
-        if len(class_names) != num_classes:
-            raise ValueError(f"{len(class_names)} class names {class_names} for {num_classes} classes")
+        class_names = export.class_names(num_classes, class_names)
         ti = method == "textual_inversion"
         if ti and (prior_preservation or train_text_encoder):
             raise ValueError(

@@ -19,6 +19,14 @@ from synaug.tracking import git_commit
 log = logging.getLogger(__name__)
 
 
+def class_names(num_classes: int, names: list[str] | None) -> list[str]:
+    """`names` (the data module links them), else "0", "1", ...; their count must be `num_classes`."""
+    names = names or [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names {names} for {num_classes} classes")
+    return names
+
+
 def record_training_set(module: L.LightningModule) -> None:
     """At fit start: add the data module's training ids to `module.train_ids` and note the MLflow run.
 

@@ -25,7 +25,6 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import pandas as pd
 import timm
@@ -634,12 +633,7 @@ def quality(
             f"({'pixel-identical' if row.exact else f'cosine {row.similarity:.4f}'})"
         )
 
-    uri = tracking.tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient(uri)
-    exp_id = tracking.experiment_id(client, experiment, uri)
-    run_id = client.create_run(
-        exp_id, run_name=run_name, tags={"synaug.command": "quality", "git_commit": tracking.git_commit()}
-    ).info.run_id
+    client, run_id = tracking.command_run(experiment, run_name, tracking_uri, {"synaug.command": "quality"})
     params = dict(
         data=data,
         synthetic=synthetic,
@@ -670,5 +664,5 @@ def quality(
         client, run_id, closest_pairs_figure(details, fake, train, pairs), "quality/closest_pairs.png"
     )
     client.set_terminated(run_id)
-    print(f"MLflow run {run_id} ({uri})")
+    print(f"MLflow run {run_id} ({tracking.tracking_uri(tracking_uri)})")
     return table

@@ -21,7 +21,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from mlflow import MlflowClient
 from mlflow.entities import Param
 from PIL import Image
 
@@ -29,7 +28,7 @@ from synaug.data.sources import ImageSource, OnBad, load_source
 from synaug.sampling.cluster import ClassClusters, cluster_class
 from synaug.sampling.embed import create_embedder, embed_images
 from synaug.sampling.plots import Projection, grid_figure, map_figure
-from synaug.tracking import experiment_id, git_commit, log_figure, tracking_uri
+from synaug.tracking import command_run, log_figure
 
 MANIFEST_COLUMNS = ["id", "path", "class", "label", "cluster", "rank", "similarity"]
 
@@ -146,18 +145,12 @@ def sample(
 
     summary, selected = write_manifests(src, results, out_dir, copy)
 
-    uri = tracking_uri(tracking)
-    client = MlflowClient(uri)
-    exp_id = experiment_id(client, experiment, uri)
-    run_id = client.create_run(
-        exp_id,
-        run_name=run_name,
-        tags={
-            "git_commit": git_commit(),
-            "data_fingerprint": src.fingerprint,
-            "embedder_weights": model.weights,
-        },
-    ).info.run_id
+    client, run_id = command_run(
+        experiment,
+        run_name,
+        tracking,
+        {"data_fingerprint": src.fingerprint, "embedder_weights": model.weights},
+    )
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
     client.log_metric(run_id, "clusters_kept", int(summary["kept"].sum()))
     client.log_metric(run_id, "images_selected", len(selected))
