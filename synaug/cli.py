@@ -110,6 +110,29 @@ class SynAugCLI(LightningCLI):
         if self.config[self.subcommand].test_after_fit:
             best = self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
+        print(results_note(self.trainer))
+
+    def after_test(self) -> None:
+        print(results_note(self.trainer))
+
+
+def results_note(trainer) -> str:
+    """Where a finished run's results are: its MLflow run, the command that shows it, its checkpoints."""
+    lines = []
+    logger = trainer.logger
+    if isinstance(logger, MLFlowLogger):
+        client = logger.experiment
+        run = client.get_run(logger.run_id)
+        experiment = client.get_experiment(run.info.experiment_id).name
+        lines += [
+            f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment {experiment}",
+            f"  show it: mlflow ui --backend-store-uri {logger._tracking_uri}",
+        ]
+    callback = trainer.checkpoint_callback
+    if callback is not None and callback.dirpath:
+        best = f" (best: {callback.best_model_path})" if callback.best_model_path else ""
+        lines.append(f"checkpoints: {callback.dirpath}{best}")
+    return "\n".join(["", "results:", *lines])
 
 
 def run_function(fn: Callable, argv: list[str], prog: str):

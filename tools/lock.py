@@ -27,7 +27,18 @@ TORCH = {"torch", "torchvision", "triton"}
 
 
 def uv_compile(out: Path, omit: list[str]) -> None:
-    cmd = ["uv", "pip", "compile", "pyproject.toml", "--extra", EXTRA, "--universal", "--quiet", "-o", str(out.relative_to(ROOT))]
+    cmd = [
+        "uv",
+        "pip",
+        "compile",
+        "pyproject.toml",
+        "--extra",
+        EXTRA,
+        "--universal",
+        "--quiet",
+        "-o",
+        str(out.relative_to(ROOT)),
+    ]
     cmd += [a for p in sorted(omit) for a in ("--no-emit-package", p)]
     subprocess.run(cmd, cwd=ROOT, check=True)
 
@@ -64,48 +75,59 @@ def compile_lock() -> None:
     family = torch_only(parse(full.read_text())[1])
     full.unlink()
     uv_compile(LOCK, sorted(family))
-    print(f"wrote {LOCK.relative_to(ROOT)}, leaving out {len(family)} torch-only packages: {', '.join(sorted(family))}")
+    print(
+        f"wrote {LOCK.relative_to(ROOT)}, leaving out {len(family)} torch-only packages: {', '.join(sorted(family))}"
+    )
 
 
-def requirements() -> list[Requirement]:
+def requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
     """pyproject's requirements for the locked extra, following self-references (synaug[test] -> ...)."""
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    project = tomllib.loads(pyproject.read_text())["project"]
     extras, todo, seen = project["optional-dependencies"], [EXTRA], set()
     reqs = [Requirement(r) for r in project["dependencies"]]
     while todo:
         extra = todo.pop()
         seen.add(extra)
         for r in map(Requirement, extras[extra]):
-            if canonicalize_name(r.name) == "synaug":
+            if canonicalize_name(r.name) == canonicalize_name(project["name"]):
                 todo += [e for e in r.extras if e not in seen]
             else:
                 reqs.append(r)
     return reqs
 
 
-def check() -> int:
-    pins, _ = parse(LOCK.read_text())
+def disagreements(lock: Path = LOCK, pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """Where the lock and pyproject.toml disagree: a requirement missing from the lock, a pin outside its range,
+    torch pinned."""
+    pins, _ = parse(lock.read_text())
     problems = []
-    for req in requirements():
+    for req in requirements(pyproject):
         name = canonicalize_name(req.name)
         if name in TORCH:
             if name in pins:
                 problems.append(f"{name} is pinned in the lock; torch comes from the user's own index")
-            continue
-        if name not in pins:
+        elif name not in pins:
             problems.append(f"{req} is in pyproject.toml but missing from the lock")
-            continue
-        for version, marker in pins[name]:
-            if not req.specifier.contains(version, prereleases=True):
-                where = f" ({marker})" if marker else ""
-                problems.append(f"lock pins {name}=={version}{where}, outside pyproject's {req}")
+        else:
+            for version, marker in pins[name]:
+                if not req.specifier.contains(version, prereleases=True):
+                    where = f" ({marker})" if marker else ""
+                    problems.append(f"lock pins {name}=={version}{where}, outside pyproject's {req}")
+    return problems
+
+
+def check() -> int:
+    problems = disagreements()
     for p in problems:
         print(f"lock check: {p}", file=sys.stderr)
     if problems:
         print("regenerate the lock: python tools/lock.py compile", file=sys.stderr)
         return 1
+    pins, _ = parse(LOCK.read_text())
     active = sum(1 for v in pins.values() for _, m in v if m is None or Marker(m).evaluate())
-    print(f"lock check: {len(requirements())} requirements agree with {LOCK.relative_to(ROOT)} ({active} pins here)")
+    print(
+        f"lock check: {len(requirements())} requirements agree with {LOCK.relative_to(ROOT)} ({active} pins here)"
+    )
     return 0
 
 
