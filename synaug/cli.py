@@ -26,11 +26,11 @@ COMMANDS = {
     "data audit": "synaug.data.audit:audit",
     "sample": "synaug.sampling:sample",
     # Before "generate": main() takes the first name that prefixes the arguments.
-    "generate img2img": "synaug.generators.stable_diffusion:img2img",
-    "generate --from-folder": "synaug.generators.stable_diffusion:import_folder",
+    "generate img2img": "synaug.generators.stable_diffusion.pipeline:img2img",
+    "generate --from-folder": "synaug.generators.stable_diffusion.pipeline:import_folder",
     "generate": "synaug.generators.generate:generate",
-    "quality": "synaug.generators.quality:quality",
-    "explain": "synaug.explain:explain",
+    "quality": "synaug.evaluation.quality:quality",
+    "explain": "synaug.evaluation.explain:explain",
     "experiment": "synaug.experiment:experiment",
     "tune": "synaug.tune:tune",
 }

@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 ROOT = Path(__file__).resolve().parents[2]
 # The test helpers write CLIP's BPE vocabulary as CLIPTokenizer files (and the tiny pipeline of --tiny).
 sys.path.insert(0, str(ROOT / "tests" / "generators"))
-from sd_dummy import save_dummy_pipeline, write_clip_vocab  # noqa: E402
+from helpers.sd_dummy import save_dummy_pipeline, write_clip_vocab  # noqa: E402
 
 from synaug.cli import main  # noqa: E402
 

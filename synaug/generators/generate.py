@@ -18,10 +18,10 @@ import torch
 from tqdm.auto import tqdm
 
 from synaug.data.synthetic import SyntheticWriter, claim_folder
-from synaug.generators.diffusion import SamplerName, sample
-from synaug.generators.diffusion_module import load_generator
-from synaug.generators.pggan import sample as pggan_sample
-from synaug.generators.pggan_module import load_pggan
+from synaug.generators.diffusion.module import load_generator
+from synaug.generators.diffusion.network import SamplerName, sample
+from synaug.generators.pggan.module import load_pggan
+from synaug.generators.pggan.network import sample as pggan_sample
 
 
 def image_seed(seed: int, cls: str, index: int) -> int:
@@ -48,7 +48,7 @@ def generate(
             save_pretrained`, `ProgressiveGAN.save_pretrained`), or a Lightning `.ckpt` of either; either way
             its EMA weights. A PGGAN samples at the growth stage it was saved at.
             A Stable Diffusion DreamBooth / LoRA / textual inversion export (a folder with `dreambooth.json`)
-            goes to `synaug.generators.dreambooth.generate_dreambooth` with these arguments (give it SD's
+            goes to `synaug.generators.stable_diffusion.dreambooth.generate_dreambooth` with these arguments (give it SD's
             settings, e.g. `-c configs/generators/dreambooth_generate.yaml`).
         out: the synthetic image folder. Rerunning the same command after a kill makes exactly the images that
             are missing; raising `per_class` later adds the extra indices.
@@ -59,14 +59,14 @@ def generate(
         batch_size: images per batched sampling call.
         seed: base seed; image k of class c starts from the noise of `image_seed(seed, c, k)`, recorded in the
             manifest, so `sample(unet, [label], [that seed], ...)` with these settings remakes it (a PGGAN's
-            latent is `torch.randn` seeded with it: `synaug.generators.pggan.sample(g, [label], [that seed])`).
+            latent is `torch.randn` seeded with it: `synaug.generators.pggan.network.sample(g, [label], [that seed])`).
         device: `auto` (CUDA when present, bf16 autocast there), `cpu`, `cuda`, `cuda:1`, ...
 
     Returns the output folder.
     """
     if (Path(checkpoint) / "dreambooth.json").is_file():
         # Imported here: dreambooth imports this module (image_seed), and the diffusion path needs no peft.
-        from synaug.generators.dreambooth import generate_dreambooth
+        from synaug.generators.stable_diffusion.dreambooth import generate_dreambooth
 
         return generate_dreambooth(
             checkpoint,

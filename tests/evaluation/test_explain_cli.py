@@ -18,11 +18,11 @@ from synaug import notebooks, tracking
 from synaug.classifiers import ImageClassifier
 from synaug.cli import main
 from synaug.data import load_source
-from synaug.explain import explain, explain_checkpoint, load_classifier, resolve_method
+from synaug.evaluation.explain import explain, explain_checkpoint, load_classifier, resolve_method
 from synaug.models.backbones import create_backbone
 
 CLASSES = ["malignant", "normal_benign"]
-EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "explain" / "example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "explain" / "example.yaml"
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,4 +1,4 @@
-"""synaug.generators.quality on tiny tensors: a fixed random projection or a tiny random timm backbone as features."""
+"""synaug.evaluation.quality on tiny tensors: a fixed random projection or a tiny random timm backbone as features."""
 
 import math
 import urllib.error
@@ -19,7 +19,7 @@ from synaug import tracking
 from synaug.data.images import load_image
 from synaug.data.sources import load_source
 from synaug.data.synthetic import SyntheticWriter
-from synaug.generators import quality as q
+from synaug.evaluation import quality as q
 from synaug.models.backbones import WeightsUnavailableError
 
 

@@ -8,7 +8,8 @@ from PIL import Image
 
 import synaug.generators.generate as gen_module
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators import ClassConditionalDiffusion, load_generator, sample
+from synaug.generators.diffusion.module import ClassConditionalDiffusion, load_generator
+from synaug.generators.diffusion.network import sample
 from synaug.generators.generate import generate, image_seed
 
 CLASSES = ["glioma", "meningioma"]

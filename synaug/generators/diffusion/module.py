@@ -39,9 +39,16 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torchvision.utils import make_grid
 
-from synaug.generators import export
-from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
-from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
+from synaug.generators import base
+from synaug.generators.base import GeneratorMeta, export_dir, provenance, record_training_set
+from synaug.generators.diffusion.network import (
+    SamplerName,
+    build_unet,
+    noise_scheduler,
+    null_class,
+    pad_to,
+    sample,
+)
 from synaug.tracking import log_figure
 
 log = logging.getLogger(__name__)
@@ -77,7 +84,7 @@ class ClassConditionalDiffusion(L.LightningModule):
         """
         Args:
             num_classes, in_chans, image_size, class_names: from the data module (linked by the CLI).
-            preset: UNet size, see `synaug.generators.diffusion.PRESETS` (`base`: 26.6M parameters).
+            preset: UNet size, see `synaug.generators.diffusion.network.PRESETS` (`base`: 26.6M parameters).
             unet_kwargs: UNet2DModel arguments that replace the preset's (e.g. `block_out_channels`).
             num_train_timesteps, beta_schedule: the DDPM noise schedule.
             p_uncond: probability of training a sample with the null class (classifier-free guidance).
@@ -93,7 +100,7 @@ class ClassConditionalDiffusion(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = export.class_names(num_classes, class_names)
+        class_names = base.class_names(num_classes, class_names)
         if not 0 <= p_uncond < 1:
             raise ValueError(f"p_uncond must lie in [0, 1); got {p_uncond}")
         self.save_hyperparameters()

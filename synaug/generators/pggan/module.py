@@ -55,11 +55,11 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from safetensors.torch import load_file, save_file
 
-from synaug.generators import export
-from synaug.generators.diffusion import pad_to
-from synaug.generators.diffusion_module import sample_grid
-from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
-from synaug.generators.pggan import (
+from synaug.generators import base
+from synaug.generators.base import GeneratorMeta, export_dir, provenance, record_training_set
+from synaug.generators.diffusion.module import sample_grid
+from synaug.generators.diffusion.network import pad_to
+from synaug.generators.pggan.network import (
     Discriminator,
     Generator,
     canvas_size,
@@ -124,7 +124,7 @@ class ProgressiveGAN(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = export.class_names(num_classes, class_names)
+        class_names = base.class_names(num_classes, class_names)
         canvas = canvas_size(image_size)
         n = num_stages(canvas)
         per_stage(stable, n, "stable"), per_stage(fade, n, "fade")  # wrong lengths fail here, not at fit

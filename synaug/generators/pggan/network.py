@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synaug.generators.diffusion import crop_to
+from synaug.generators.diffusion.network import crop_to
 
 
 def canvas_size(image_size: int) -> int:

@@ -77,12 +77,12 @@ from transformers import CLIPTextModel
 from synaug.cache import cache_dir, key_hash
 from synaug.data.images import IMAGE_EXTENSIONS, load_image
 from synaug.data.synthetic import SyntheticWriter, claim_folder
-from synaug.generators import export
-from synaug.generators.diffusion import SamplerName, inference_scheduler
-from synaug.generators.diffusion_module import sample_grid
-from synaug.generators.export import export_dir, provenance, record_training_set
+from synaug.generators import base
+from synaug.generators.base import export_dir, provenance, record_training_set
+from synaug.generators.diffusion.module import sample_grid
+from synaug.generators.diffusion.network import SamplerName, inference_scheduler
 from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion import SD15, files_digest, load_pipeline, pick_device
+from synaug.generators.stable_diffusion.pipeline import SD15, files_digest, load_pipeline, pick_device
 from synaug.tracking import log_figure
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ class DreamBooth(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = export.class_names(num_classes, class_names)
+        class_names = base.class_names(num_classes, class_names)
         ti = method == "textual_inversion"
         if ti and (prior_preservation or train_text_encoder):
             raise ValueError(

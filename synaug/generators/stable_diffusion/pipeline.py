@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from synaug.data.images import IMAGE_EXTENSIONS, open_image, to_mode
 from synaug.data.sources import DataError, load_source
 from synaug.data.synthetic import SyntheticWriter, claim_folder
-from synaug.generators.export import sha256
+from synaug.generators.base import sha256
 from synaug.generators.generate import image_seed
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

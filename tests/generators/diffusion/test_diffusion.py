@@ -5,14 +5,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from helpers.toy import toy_data, trainer  # tests/ is on sys.path (pytest rootdir-less import)
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
-from synaug.generators import ClassConditionalDiffusion, build_unet, load_generator, sample
-from synaug.generators.diffusion import canvas_size
+from synaug.generators.diffusion.module import ClassConditionalDiffusion, load_generator
+from synaug.generators.diffusion.network import build_unet, canvas_size, sample
 from synaug.tracking import MLFlowLogger
 
 TINY3 = dict(

@@ -6,19 +6,24 @@ import mlflow
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers.sd_dummy import (
+    save_dummy_sdxl_pipeline,
+)  # tests/ is on sys.path (pytest rootdir-less import)
+from helpers.toy import toy_data, trainer  # tests/ is on sys.path (pytest rootdir-less import)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
-from sd_dummy import (
-    save_dummy_sdxl_pipeline,
-)  # tests/generators/ is on sys.path (pytest rootdir-less import)
 from torch.utils.data import DataLoader, TensorDataset
-from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.diffusion import inference_scheduler
-from synaug.generators.dreambooth import DreamBooth, generate_dreambooth, load_dreambooth, sample_pipeline
+from synaug.generators.diffusion.network import inference_scheduler
 from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion import load_pipeline
+from synaug.generators.stable_diffusion.dreambooth import (
+    DreamBooth,
+    generate_dreambooth,
+    load_dreambooth,
+    sample_pipeline,
+)
+from synaug.generators.stable_diffusion.pipeline import load_pipeline
 from synaug.tracking import MLFlowLogger
 
 CLASSES = ["glioma", "meningioma"]

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers.toy import image_folder  # tests/ is on sys.path (pytest rootdir-less import)
 from PIL import Image
-from toy import image_folder  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.cli import main
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "generators"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "generators"
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]  # the brain MRI classes the configs name
 
 
