@@ -110,7 +110,7 @@ def main_(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     main(fit)
     fitted = time.perf_counter()
-    (export,) = {p.parent for p in (work / "run").rglob("dreambooth.json")}
+    (export,) = {p.parent for p in (work / "run").rglob("generator.json")}
     gen = [
         "generate",
         str(export),
@@ -118,7 +118,9 @@ def main_(args: argparse.Namespace) -> None:
         "-c",
         str(ROOT / "configs/generators/dreambooth_generate.yaml"),
     ]
-    gen += ["--per_class", str(args.images)] + (["--device", "cpu", "--steps", "2"] if args.tiny else [])
+    gen += ["--per_class", str(args.images)] + (
+        ["--device", "cpu", "--sampler", "{steps: 2}"] if args.tiny else []
+    )
     main(gen)
     done = time.perf_counter()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

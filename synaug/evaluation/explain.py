@@ -18,7 +18,6 @@ to MLflow (`explain`); `explain_checkpoint` is the same without the logging, for
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
@@ -36,14 +35,14 @@ from timm.models.resnet import ResNet
 from timm.models.vision_transformer import VisionTransformer
 
 from synaug import tracking
-from synaug.classifiers.finetune import ImageClassifier
+from synaug.classifiers.finetune import load_classifier
 from synaug.data import ClassificationData
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS
 from synaug.data.synthetic import read_synthetic
-from synaug.models.backbones import normalization
 from synaug.models.basic_cnn import BasicCNN
 from synaug.tracking import log_figure
+from synaug.utils import pick_device
 
 METHODS = {
     "gradcam": GradCAM,
@@ -326,27 +325,6 @@ def log_explanations(
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def load_classifier(checkpoint: str | Path, weights_only: bool = True) -> ImageClassifier:
-    """An `ImageClassifier` from its Lightning checkpoint, in eval mode on the CPU.
-
-    The backbone is rebuilt without fetching pretrained weights (the checkpoint holds the trained ones, and an
-    offline machine has no hub), but keeps the normalisation it was trained with, which `ImageClassifier` takes
-    from the pretrained config when it started from pretrained weights. Not `load_from_checkpoint`: its first
-    parameter is also named `checkpoint_path`, so it cannot override the hyperparameter of that name.
-    `weights_only=False` unpickles arbitrary objects: only for checkpoints you trust.
-    """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-    hp = ckpt["hyper_parameters"]
-    init = inspect.signature(ImageClassifier).parameters  # LightningCLI adds keys such as `_class_path`
-    kwargs = {k: v for k, v in hp.items() if k in init}
-    model = ImageClassifier(**kwargs | {"pretrained": False, "checkpoint_path": None, "compile": False})
-    # A compiled net was saved under `_orig_mod.`.
-    model.load_state_dict({k.replace("net._orig_mod.", "net."): v for k, v in ckpt["state_dict"].items()})
-    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
-    model.mean, model.std = normalization(model.net, pretrained, hp["in_chans"])
-    return model.eval()
-
-
 def resolve_method(net: nn.Module, method: str) -> str:
     """`auto` is HiResCAM for the basic CNN and Grad-CAM for everything else; other names pass through.
 
@@ -376,7 +354,6 @@ def explain_checkpoint(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 32,
-    weights_only: bool = True,
     device: str | None = None,
 ) -> tuple[list[dict], list[str]]:
     """`compare_real_synthetic` for each class of a trained classifier: returns the results and the class names.
@@ -387,7 +364,7 @@ def explain_checkpoint(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-    model = load_classifier(checkpoint, weights_only)
+    model = load_classifier(checkpoint)
     hp = model.hparams
     # The images as the model was trained on them: its size and channels, unless the data says otherwise.
     args = {"image_size": hp.image_size, "channels": hp.in_chans} | (
@@ -409,7 +386,7 @@ def explain_checkpoint(
     if unknown:
         raise ValueError(f"classes {unknown} are not among the data's classes {names}")
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(device)
     model.to(device)
     rng = np.random.default_rng(seed)
     table = dm.table
@@ -475,7 +452,6 @@ def explain(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 32,
-    weights_only: bool = True,
     device: str | None = None,
     experiment: str = "explain",
     run_name: str | None = None,
@@ -484,7 +460,8 @@ def explain(
     """Grad-CAM of a trained classifier on real vs synthetic images of each class, printed and logged to MLflow.
 
     Args:
-        checkpoint: a Lightning checkpoint of an `ImageClassifier` (`synaug fit`).
+        checkpoint: a Lightning checkpoint of an `ImageClassifier` (`synaug fit`), loaded without unpickling
+            code (`synaug.classifiers.finetune.load_classifier`).
         data: the real data: `ClassificationData` arguments (a mapping, as under `data:` in a training config)
             or just its root. Image size and channels default to the classifier's.
         synthetic: synthetic folders with their manifest.csv (default: `synthetic` in `data`).
@@ -496,7 +473,6 @@ def explain(
         split: the real split the real images come from.
         seed: seed of the image draw.
         batch_size: images per Grad-CAM batch.
-        weights_only: load the checkpoint without unpickling arbitrary objects (see `load_classifier`).
         device: where to run (default: CUDA when present).
         experiment: MLflow experiment name.
         run_name: MLflow run name.
@@ -507,7 +483,7 @@ def explain(
     Returns the table (one row per class).
     """
     results, names = explain_checkpoint(
-        checkpoint, data, synthetic, classes, n, method, score, split, seed, batch_size, weights_only, device
+        checkpoint, data, synthetic, classes, n, method, score, split, seed, batch_size, device
     )
     table = similarity_table(results, names)
     print(f"Grad-CAM of {checkpoint} on '{split}' real vs synthetic images (mean maps; {score}):")

@@ -36,11 +36,13 @@ from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from synaug import tracking
+from synaug.classifiers.finetune import load_classifier
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS, load_source
 from synaug.data.synthetic import read_synthetic
 from synaug.models.backbones import WeightsUnavailableError, create_backbone, normalization, weights_id
 from synaug.tracking import plt  # with the headless backend tracking selects
+from synaug.utils import file_sha256, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +124,7 @@ def inception_features(weights: str | Path | None = None) -> ImageFeatures:
     if weights is None:
         name = "inception-v3-compat:fid-2015-12-05"
     else:
-        name = f"inception-v3-compat:file:{hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()[:16]}"
+        name = f"inception-v3-compat:file:{file_sha256(weights)[:16]}"
     return ImageFeatures(model, name, in_chans=3, num_features=2048)
 
 
@@ -147,7 +149,8 @@ def backbone_features(
 
 
 def classifier_features(checkpoint_path: str | Path) -> ImageFeatures:
-    """The pooled backbone features of a fine-tuned `ImageClassifier` from its Lightning checkpoint.
+    """The pooled backbone features of a fine-tuned `ImageClassifier` from its Lightning checkpoint, loaded
+    without unpickling code (`load_classifier`: a crafted checkpoint cannot run anything).
 
     The images are resized to the classifier's `image_size` and normalised as `ImageClassifier` does: with the
     backbone's pretrained statistics when it started from pretrained weights, else with mean = std = 0.5.
@@ -155,36 +158,18 @@ def classifier_features(checkpoint_path: str | Path) -> ImageFeatures:
     path = Path(checkpoint_path).expanduser()
     if not path.is_file():
         raise WeightsUnavailableError(f"Classifier checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint: hparams are pickled
-    hp = ckpt["hyper_parameters"]
-    # A compiled net is saved under `_orig_mod.`.
-    weights = {
-        k.removeprefix("net.").removeprefix("_orig_mod."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("net.")
-    }
-    if not weights or "backbone" not in hp:
-        raise ValueError(
-            f"{path}: not an ImageClassifier checkpoint (no `backbone` hyperparameter and `net.` "
-            f"weights); for a frozen-feature classifier use `feature: <its backbone>`"
-        )
-    model = create_backbone(
-        hp["backbone"], num_classes=0, in_chans=hp["in_chans"], **(hp.get("model_kwargs") or {})
-    )
-    missing = model.state_dict().keys() - weights.keys()
-    if missing:
-        raise ValueError(f"{path}: backbone '{hp['backbone']}' weights lack {sorted(missing)[:5]}")
-    model.load_state_dict({k: weights[k] for k in model.state_dict()})  # the classifier head is left out
-    mean, std = normalization(model, bool(hp.get("pretrained") or hp.get("checkpoint_path")), hp["in_chans"])
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    clf = load_classifier(path)
+    hp = clf.hparams
+    model = clf.net
+    model.reset_classifier(0)  # the pooled features, without the classifier head
     return ImageFeatures(
         model,
-        f"classifier:{hp['backbone']}:file:{digest}",
-        hp["in_chans"],
+        f"classifier:{hp.backbone}:file:{file_sha256(path)[:16]}",
+        hp.in_chans,
         model.num_features,
-        mean,
-        std,
-        size=hp["image_size"],
+        clf.mean,
+        clf.std,
+        size=hp.image_size,
     )
 
 
@@ -223,7 +208,7 @@ def extract(
     feature: nn.Module, images: torch.Tensor, batch_size: int = 64, device: str | torch.device | None = None
 ) -> torch.Tensor:
     """Features (N, d) as float64 on the CPU, computed in batches on `device` (CUDA when present)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(device)
     feature.to(device)
     return torch.cat(
         [

@@ -1,6 +1,7 @@
 """synaug.evaluation.quality on tiny tensors: a fixed random projection or a tiny random timm backbone as features."""
 
 import math
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -177,6 +178,29 @@ def test_classifier_checkpoint_features_are_its_backbone(tmp_path):
         expected = clf(images.float() / 255)  # the classifier's own normalisation, pooled features
     assert feature.name.startswith("classifier:test_resnet:file:") and feature.in_chans == 1
     assert torch.allclose(feature(images), expected, atol=1e-5)
+
+
+class _Payload:
+    """Unpickling this creates the file `marker`: what a crafted checkpoint could run instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_quality_refuses_a_crafted_classifier_checkpoint_without_running_it(tmp_path):
+    from synaug.classifiers.finetune import ImageClassifier
+
+    marker = tmp_path / "payload_ran"
+    clf = ImageClassifier(backbone="test_resnet", num_classes=2, in_chans=1, image_size=24)
+    hparams = dict(clf.hparams) | {"note": _Payload(marker)}
+    torch.save({"state_dict": clf.state_dict(), "hyper_parameters": hparams}, tmp_path / "crafted.ckpt")
+    # What `synaug quality --feature classifier --checkpoint_path crafted.ckpt` loads its features with.
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        q.feature_extractor("classifier", checkpoint_path=str(tmp_path / "crafted.ckpt"))
+    assert not marker.exists()
 
 
 def test_quality_command_logs_to_mlflow(tmp_path, capsys):

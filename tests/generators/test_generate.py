@@ -6,15 +6,15 @@ import pytest
 import torch
 from PIL import Image
 
-import synaug.generators.generate as gen_module
-from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.diffusion.module import ClassConditionalDiffusion, load_generator
+import synaug.generators.diffusion.module as diffusion_module
+from synaug.data.synthetic import image_seed, read_synthetic, train_set_fingerprint
+from synaug.generators.diffusion.module import ClassConditionalDiffusion, load_diffusion
 from synaug.generators.diffusion.network import sample
-from synaug.generators.generate import generate, image_seed
+from synaug.generators.generate import generate
 
 CLASSES = ["glioma", "meningioma"]
 TRAIN_IDS = ["train/glioma/1.png", "train/glioma/2.png", "train/meningioma/1.png"]
-SETTINGS = dict(steps=2, batch_size=4, device="cpu")
+SETTINGS = dict(sampler=dict(steps=2), batch_size=4, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def test_generate_writes_per_class_images_with_provenance(export, tmp_path):
     items = syn.items
     assert sorted(items["path"]) == [f"{c}/{k:06d}.png" for c in CLASSES for k in range(3)]
     assert set(items["generator"]) == {"diffusion"} and set(items["run_id"]) == {"run-123"}
-    assert set(items["checkpoint"]) == {load_generator(export)[1].checkpoint}
+    assert set(items["checkpoint"]) == {load_diffusion(export)[1].checkpoint}
     assert items["checkpoint"][0] and len(items["checkpoint"][0]) == 64
     assert set(items["train_set"]) == {train_set_fingerprint(TRAIN_IDS)}
     assert syn.train_ids(items["train_set"][0]) == sorted(TRAIN_IDS)
@@ -48,7 +48,7 @@ def test_generate_writes_per_class_images_with_provenance(export, tmp_path):
         assert Image.open(row["file"]).size == (16, 16) and Image.open(row["file"]).mode == "L"
 
     # The recorded seed remakes the image on its own, out of its batch.
-    unet, meta = load_generator(export)
+    unet, meta = load_diffusion(export)
     row = items.iloc[4]
     again = sample(
         unet,
@@ -56,7 +56,7 @@ def test_generate_writes_per_class_images_with_provenance(export, tmp_path):
         [int(row["seed"])],
         steps=2,
         guidance_scale=2.0,
-        train_schedule=meta.noise_schedule,
+        train_schedule=meta.info["noise_schedule"],
     )
     assert (again[0, 0].int() - pixels(row["file"])).abs().max() <= 1
 
@@ -82,7 +82,7 @@ def test_resume_after_kill_makes_exactly_the_missing_images(export, tmp_path, mo
         made.extend(seeds)
         return sample(unet, labels, seeds, **kw)
 
-    monkeypatch.setattr(gen_module, "sample", counting_sample)
+    monkeypatch.setattr(diffusion_module, "sample", counting_sample)
     generate(str(export), str(out), per_class=5, **SETTINGS)
 
     assert sorted(made) == sorted([image_seed(0, "glioma", 3), image_seed(0, "meningioma", 4)])
@@ -102,7 +102,7 @@ def test_generate_refuses_mixed_settings_and_unknown_classes(export, tmp_path):
     out = tmp_path / "syn"
     generate(str(export), str(out), per_class=1, **SETTINGS)
     with pytest.raises(ValueError, match="Resume with the same settings"):
-        generate(str(export), str(out), per_class=2, **{**SETTINGS, "steps": 3})
+        generate(str(export), str(out), per_class=2, **{**SETTINGS, "sampler": {"steps": 3}})
     with pytest.raises(ValueError, match="unknown to the generator"):
         generate(str(export), str(tmp_path / "other"), per_class=1, classes=["pituitary"], **SETTINGS)
     with pytest.raises(ValueError, match="or a `per_class` mapping alone"):

@@ -18,12 +18,12 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
 
-import synaug.generators.generate as gen_module
+import synaug.generators.pggan.module as pggan_module
 from synaug.cli import SynAugCLI, main
 from synaug.data import ClassificationData
-from synaug.data.synthetic import read_synthetic, train_set_fingerprint
+from synaug.data.synthetic import image_seed, read_synthetic, train_set_fingerprint
 from synaug.generators.base import sha256
-from synaug.generators.generate import generate, image_seed
+from synaug.generators.generate import generate
 from synaug.generators.pggan.module import ProgressiveGAN, load_pggan
 from synaug.generators.pggan.network import (
     Discriminator,
@@ -415,7 +415,7 @@ def test_generate_from_a_pggan_export_and_checkpoint(trained, tmp_path, monkeypa
         made.extend(seeds)
         return sample(net, labels, seeds, **kw)
 
-    monkeypatch.setattr(gen_module, "pggan_sample", counting)
+    monkeypatch.setattr(pggan_module, "sample", counting)
     generate(str(folder), str(out), per_class=3, **settings)
     assert made == [image_seed(0, "b", 1)] and len(pd.read_csv(out / "manifest.csv")) == 6
 

@@ -11,15 +11,11 @@ from helpers.toy import image_folder  # tests/ is on sys.path (pytest rootdir-le
 from PIL import Image
 
 from synaug.data.sources import DataError
-from synaug.data.synthetic import read_synthetic, train_set_fingerprint
+from synaug.data.synthetic import image_seed, read_synthetic, train_set_fingerprint
 from synaug.generators.base import sha256
-from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion.pipeline import (
-    CheckpointNotFoundError,
-    img2img,
-    import_folder,
-    load_pipeline,
-)
+from synaug.generators.external import import_folder
+from synaug.generators.stable_diffusion.img2img import img2img
+from synaug.generators.stable_diffusion.pipeline import CheckpointNotFoundError, load_pipeline
 
 CLASSES = ["glioma", "meningioma"]
 
