@@ -18,7 +18,7 @@ to MLflow (`explain`); `explain_checkpoint` is the same without the logging, for
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -31,8 +31,6 @@ import torch.nn as nn
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.ndimage import gaussian_filter
-from timm.models.resnet import ResNet
-from timm.models.vision_transformer import VisionTransformer
 
 from synaug import tracking
 from synaug.classifiers.finetune import load_classifier
@@ -40,7 +38,8 @@ from synaug.data import ClassificationData
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS
 from synaug.data.synthetic import read_synthetic
-from synaug.models.basic_cnn import BasicCNN
+from synaug.evaluation.features import of_classifier
+from synaug.models.gradcam import gradcam_method, target_layers
 from synaug.tracking import log_figure
 from synaug.utils import pick_device
 
@@ -67,51 +66,6 @@ class LogOddsTarget:
 
 
 SCORES = {"log_odds": LogOddsTarget, "logit": ClassifierOutputTarget}
-
-
-def target_layers(model: nn.Module) -> tuple[list[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]:
-    """The Grad-CAM target layers of `model` and the reshape transform its activations need.
-
-    - timm ResNet (any depth, resnet10t, SE/ResNeXt variants): the last block of `layer4`, the
-      highest-level features that still have a spatial grid.
-    - BasicCNN: the output of its last conv block (conv, ReLU, max-pool).
-    - timm VisionTransformer: the last block's `norm1`, with a transform that drops the prefix (class,
-      register, distillation) tokens and lays the patch tokens out on the patch grid.
-
-    Anything else raises a TypeError naming the model's class: there is no generic fallback, because a
-    wrong layer (e.g. the patch-embedding conv of a transformer) gives maps that look plausible and mean
-    nothing.
-    """
-    if isinstance(model, ResNet):
-        return [model.layer4[-1]], None
-    if isinstance(model, BasicCNN):
-        pools = [m for m in model.features if isinstance(m, nn.MaxPool2d)]
-        return [pools[-1]], None
-    if isinstance(model, VisionTransformer):
-        # With a class-token head the last block's output patch tokens never reach the logits, so their
-        # gradients are zero; the input of the last attention (norm1) is where patch tokens still matter.
-        reshape = partial(
-            _tokens_to_grid,
-            num_prefix_tokens=model.num_prefix_tokens,
-            grid_size=tuple(model.patch_embed.grid_size),
-        )
-        return [model.blocks[-1].norm1], reshape
-    raise TypeError(
-        f"No Grad-CAM target layer known for {type(model).__name__}; supported: timm ResNet, BasicCNN, "
-        "timm VisionTransformer"
-    )
-
-
-def _tokens_to_grid(tokens: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
-    """(N, prefix + H*W, C) tokens to the (N, C, H, W) layout Grad-CAM expects from a CNN."""
-    h, w = grid_size
-    patches = tokens[:, num_prefix_tokens:]
-    if patches.shape[1] != h * w:
-        raise ValueError(
-            f"ViT gave {patches.shape[1]} patch tokens but its patch grid is {h}x{w}: Grad-CAM needs inputs "
-            "of the size the model was built for (img_size)"
-        )
-    return patches.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 def gradcam(
@@ -326,16 +280,10 @@ def log_explanations(
 
 
 def resolve_method(net: nn.Module, method: str) -> str:
-    """`auto` is HiResCAM for the basic CNN and Grad-CAM for everything else; other names pass through.
-
-    The basic CNN's head flattens its last feature map into fully connected layers, so each position has its
-    own weights, and Grad-CAM's gradients averaged over space can miss (or cancel) what the model used; HiResCAM
-    keeps the gradient per position and is exact there. A timm ResNet global-average-pools its last block, where
-    the two give the same maps, and Grad-CAM is the method readers know (see `gradcam`).
-    """
-    if method != "auto":
-        return method
-    return "hirescam" if isinstance(net, BasicCNN) else "gradcam"
+    """`auto` is the method the model family declares (HiResCAM for the basic CNN, whose flattening head
+    Grad-CAM's spatially averaged gradients do not fit; Grad-CAM for a timm ResNet, which global-average-pools
+    its last block, where the two give the same maps, and for the rest); other names pass through."""
+    return gradcam_method(net) if method == "auto" else method
 
 
 def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
@@ -386,8 +334,8 @@ def explain_checkpoint(
     if unknown:
         raise ValueError(f"classes {unknown} are not among the data's classes {names}")
 
-    device = pick_device(device)
-    model.to(device)
+    model.to(pick_device(device))
+    inputs = of_classifier(model, str(checkpoint), resize=False)  # at the data's size, as given
     rng = np.random.default_rng(seed)
     table = dm.table
     results = []
@@ -404,8 +352,8 @@ def explain_checkpoint(
         fake = torch.from_numpy(
             np.stack([load_image(f, args["image_size"], args["channels"]) for f in files])
         )
-        # Normalised exactly as ImageClassifier.forward does, so that model.net sees what it was trained on.
-        real, fake = ((x.to(device).float() / 255 - model.mean) / model.std for x in (real, fake))
+        # Prepared exactly as ImageClassifier.forward prepares them, so that model.net sees what it was trained on.
+        real, fake = (inputs.preprocess(x) for x in (real, fake))
         result = compare_real_synthetic(
             model.net, real, fake, label, resolve_method(model.net, method), score, batch_size
         )

@@ -20,6 +20,7 @@ from synaug import tracking
 from synaug.data.images import load_image
 from synaug.data.sources import load_source
 from synaug.data.synthetic import SyntheticWriter
+from synaug.evaluation import features as feat
 from synaug.evaluation import quality as q
 from synaug.models.backbones import WeightsUnavailableError
 
@@ -53,8 +54,8 @@ def noisy(x: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
 
 def test_fid_is_zero_against_itself_and_grows_with_noise():
     feature = Projection(16 * 16)
-    real = q.extract(feature, blobs(64, seed=0))
-    fids = [q.frechet_distance(real, q.extract(feature, noisy(blobs(64, seed=0), s))) for s in (8, 32, 96)]
+    real = feat.extract(feature, blobs(64, seed=0))
+    fids = [q.frechet_distance(real, feat.extract(feature, noisy(blobs(64, seed=0), s))) for s in (8, 32, 96)]
     assert abs(q.frechet_distance(real, real)) < 1e-6 * fids[0]
     assert fids[0] < fids[1] < fids[2]
 
@@ -151,14 +152,14 @@ def test_inception_offline_error_names_the_model(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tf, "load_state_dict_from_url", offline)
     with pytest.raises(WeightsUnavailableError, match=r"Inception-v3 FID weights.*inception_weights"):
-        q.feature_extractor("inception")
+        feat.feature_extractor("inception")
     with pytest.raises(WeightsUnavailableError, match="not found: .*missing.pth"):
-        q.feature_extractor("inception", inception_weights=tmp_path / "missing.pth")
+        feat.feature_extractor("inception", inception_weights=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="needs `backbone`"):
-        q.feature_extractor("auto")
+        feat.feature_extractor("auto")
 
     ckpt = _tiny_backbone_file(tmp_path / "tiny.safetensors")
-    fallback = q.feature_extractor("auto", checkpoint_path=ckpt, backbone="test_resnet", in_chans=1)
+    fallback = feat.feature_extractor("auto", checkpoint_path=ckpt, backbone="test_resnet", in_chans=1)
     assert fallback.name.startswith("test_resnet:file:")
     features = fallback(blobs(2, seed=0))
     assert features.shape == (2, fallback.num_features)
@@ -170,7 +171,7 @@ def test_classifier_checkpoint_features_are_its_backbone(tmp_path):
     torch.manual_seed(0)
     clf = ImageClassifier(backbone="test_resnet", num_classes=2, in_chans=1, image_size=24).eval()
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}, tmp_path / "clf.ckpt")
-    feature = q.feature_extractor("classifier", checkpoint_path=tmp_path / "clf.ckpt")
+    feature = feat.feature_extractor("classifier", checkpoint_path=tmp_path / "clf.ckpt")
 
     images = blobs(3, seed=0, size=24)
     clf.net.reset_classifier(0)
@@ -199,7 +200,7 @@ def test_quality_refuses_a_crafted_classifier_checkpoint_without_running_it(tmp_
     torch.save({"state_dict": clf.state_dict(), "hyper_parameters": hparams}, tmp_path / "crafted.ckpt")
     # What `synaug quality --feature classifier --checkpoint_path crafted.ckpt` loads its features with.
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        q.feature_extractor("classifier", checkpoint_path=str(tmp_path / "crafted.ckpt"))
+        feat.feature_extractor("classifier", checkpoint_path=str(tmp_path / "crafted.ckpt"))
     assert not marker.exists()
 
 
