@@ -14,6 +14,9 @@ normalised as the model expects. For the basic CNN pass `method="hirescam"` (see
 `synaug explain -c configs/explain/example.yaml` does it for a trained `ImageClassifier` checkpoint: n real
 images of each class from a real split against n synthetic images of the class from synthetic folders, logged
 to MLflow (`explain`); `explain_checkpoint` is the same without the logging, for notebooks.
+
+Over 400 lines, on purpose: the maps, their similarity, the figures and the command are one workflow; the
+model-family knowledge (which layer, which method) lives in `synaug.models.gradcam`.
 """
 
 from __future__ import annotations

@@ -70,8 +70,9 @@ class GeneratorMeta:
     )  # the kind's own fields (noise schedule, stage, prompts)
 
 
-def write_export(module: GeneratorModule, folder: Path, **info: Any) -> Path:
-    """Write `generator.json` (kind, class path, classes, size, provenance, `info`) and `train_ids.txt`."""
+def write_export(module: GeneratorModule, folder: Path, weights: list[Path], **info: Any) -> Path:
+    """Write `generator.json` (kind, class path, classes, size, the `weights` files whose digest is the
+    manifest's `checkpoint`, provenance, `info`) and `train_ids.txt` into the export `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     meta = dict(
         kind=module.kind,
@@ -79,6 +80,7 @@ def write_export(module: GeneratorModule, folder: Path, **info: Any) -> Path:
         class_names=module.class_names,
         image_size=module.hparams.image_size,
         channels=module.hparams.in_chans,
+        weights=[Path(w).relative_to(folder).as_posix() for w in weights],
     )
     meta |= info | provenance(module, folder)
     (folder / EXPORT_FILE).write_text(json.dumps(meta, indent=2))
@@ -100,7 +102,8 @@ def read_info(folder: str | Path) -> dict[str, Any]:
 
 
 def read_export(folder: str | Path, weights: list[Path] | None = None) -> GeneratorMeta:
-    """An export folder's metadata; `checkpoint` is the digest of `weights` (default: those it lists)."""
+    """An export folder's metadata; `checkpoint` is the digest of `weights` (default: those it lists; exports
+    from before `weights` was written pass theirs)."""
     folder = Path(folder)
     info = read_info(folder)
     weights = weights or [folder / w for w in info.get("weights", [])]
@@ -149,6 +152,8 @@ def checkpoint_kind(path: str | Path) -> str:
 
 def files_digest(files: list[Path]) -> str:
     """sha256 of one file; of the files' digests for several."""
+    if not files:
+        raise ValueError("no weights files to digest")
     if len(files) == 1:
         return sha256(files[0])
     return hashlib.sha256("\n".join(sha256(f) for f in files).encode()).hexdigest()

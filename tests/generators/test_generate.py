@@ -1,5 +1,8 @@
 """`generate`: images per class with provenance, exact resume after a kill, one set of settings per folder."""
 
+import json
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -109,3 +112,18 @@ def test_generate_refuses_mixed_settings_and_unknown_classes(export, tmp_path):
         generate(
             str(export), str(tmp_path / "other"), per_class={"glioma": 1}, classes=["glioma"], **SETTINGS
         )
+
+
+def test_an_export_from_before_the_one_schema_generates_the_same_images(export, tmp_path):
+    # GeneratorMeta's generator.json had neither `module` nor `weights`: such a folder still loads and samples.
+    old = tmp_path / "old_export"
+    shutil.copytree(export, old)
+    info = json.loads((old / "generator.json").read_text())
+    del info["module"], info["weights"]
+    (old / "generator.json").write_text(json.dumps(info))
+    new = generate(str(export), str(tmp_path / "new"), per_class=2, **SETTINGS)
+    again = generate(str(old), str(tmp_path / "old"), per_class=2, **SETTINGS)
+    assert load_diffusion(old)[1].checkpoint == load_diffusion(export)[1].checkpoint
+    for c in CLASSES:
+        for k in range(2):
+            assert (again / c / f"{k:06d}.png").read_bytes() == (new / c / f"{k:06d}.png").read_bytes()

@@ -51,7 +51,7 @@ class MeanImage(GeneratorModule):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file({"mean": self.mean.detach().cpu().contiguous()}, folder / "mean.safetensors")
-        return write_export(self, folder, noise=self.hparams.noise)
+        return write_export(self, folder, [folder / "mean.safetensors"], noise=self.hparams.noise)
 
     def grid_samples(self) -> tuple[torch.Tensor, list[str], str]:
         images = to_uint8(self.mean.detach().cpu())
@@ -75,9 +75,9 @@ class MeanImageGenerator(Generator):
         cls, checkpoint: str | Path, device: torch.device, noise: float | None = None
     ) -> MeanImageGenerator:
         """noise: the std of the noise added to the mean (default: the one it was trained with)."""
-        weights = Path(checkpoint) / "mean.safetensors"
-        meta = read_export(checkpoint, [weights])
-        return cls(load_file(weights)["mean"], meta, meta.info["noise"] if noise is None else noise)
+        meta = read_export(checkpoint)
+        mean = load_file(Path(checkpoint) / "mean.safetensors")["mean"]
+        return cls(mean, meta, meta.info["noise"] if noise is None else noise)
 
     def settings(self) -> dict[str, Any]:
         return dict(noise=self.noise)

@@ -179,7 +179,7 @@ class ClassConditionalDiffusion(GeneratorModule):
         folder = Path(folder)
         self.ema_unet().save_pretrained(folder / "unet", safe_serialization=True)
         self.noise_scheduler.save_pretrained(folder / "scheduler")
-        return write_export(self, folder)
+        return write_export(self, folder, [folder / "unet" / "diffusion_pytorch_model.safetensors"])
 
     def grid_step(self) -> int:
         # The EMA's step count: once per optimizer step, also under gradient accumulation.

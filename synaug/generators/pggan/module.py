@@ -37,6 +37,9 @@ Export (`save_pretrained`), beside the Lightning checkpoints at the end of train
     generator.json          kind "pggan", architecture, class_names, image_size, channels, stage, alpha,
                             iteration, run_id, train_set fingerprint, global_step, git commit
     train_ids.txt           the real item ids the generator learned from (those of `init_from` too)
+
+Over 400 lines, on purpose: the growth schedule, exact resume and fine-tuning all act on the same iteration,
+phase and optimizer state, and read best side by side.
 """
 
 from __future__ import annotations
@@ -370,7 +373,13 @@ class ProgressiveGAN(GeneratorModule):
         g = self.ema_generator()
         save_file({k: v.contiguous() for k, v in g.state_dict().items()}, folder / "generator.safetensors")
         return write_export(
-            self, folder, architecture=g.config, stage=g.stage, alpha=g.alpha, iteration=self.iteration
+            self,
+            folder,
+            [folder / "generator.safetensors"],
+            architecture=g.config,
+            stage=g.stage,
+            alpha=g.alpha,
+            iteration=self.iteration,
         )
 
     def grid_step(self) -> int:

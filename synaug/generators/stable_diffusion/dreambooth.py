@@ -48,6 +48,9 @@ SD 1.x and 2.x (one text encoder, epsilon or v-prediction) take every method; SD
 `train_text_encoder` both text encoders), conditioned as its pipeline conditions it: the penultimate hidden states
 of both text encoders side by side, the second's pooled embedding, and the size/crop time ids of an uncropped
 `resolution` image.
+
+Over 400 lines, on purpose: the three methods and the two model families share one data path, prior
+preservation, precision handling, checkpoint filtering and export; a file per method would repeat them.
 """
 
 from __future__ import annotations
@@ -498,12 +501,12 @@ class DreamBooth(GeneratorModule):
         return write_export(
             self,
             folder,
+            weights,
             image_size=hp.resolution,  # the side it samples at, not the training data's
             model=hp.model,
             method=hp.method,
             classes=self.classes,
             prompts={c: self.prompts[c] for c in self.classes},
-            weights=[w.relative_to(folder).as_posix() for w in weights],
         )
 
 
