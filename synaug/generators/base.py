@@ -237,9 +237,9 @@ class GeneratorModule(L.LightningModule):
         if state is not None:
             self.train_ids, self.run_id = state["train_ids"], state["run_id"]
 
-    @abstractmethod
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the weights to sample from (safetensors) and `write_export`'s metadata into `folder`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement save_pretrained")
 
     def grid_step(self) -> int:
         """The step count the grids are named and spaced by (default: optimizer steps)."""
@@ -247,7 +247,7 @@ class GeneratorModule(L.LightningModule):
 
     def grid_samples(self) -> tuple[torch.Tensor, list[str], str]:
         """uint8 images (N, C, H, W) in class order, the class name of each row, and the grid's title."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} logs sample grids but has no grid_samples")
 
 
 class SampleGrid(L.Callback):
