@@ -19,6 +19,7 @@ from lightning.pytorch.core import LightningModule
 
 from synaug.classifiers.base import Classifier
 from synaug.data import ClassificationData
+from synaug.generators.base import GeneratorModule
 from synaug.tracking import MLFlowLogger, git_commit, log_figure
 
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -26,11 +27,11 @@ COMMANDS = {
     "data audit": "synaug.data.audit:audit",
     "sample": "synaug.sampling:sample",
     # Before "generate": main() takes the first name that prefixes the arguments.
-    "generate img2img": "synaug.generators.stable_diffusion:img2img",
-    "generate --from-folder": "synaug.generators.stable_diffusion:import_folder",
+    "generate img2img": "synaug.generators.stable_diffusion.img2img:img2img",
+    "generate --from-folder": "synaug.generators.external:import_folder",
     "generate": "synaug.generators.generate:generate",
-    "quality": "synaug.generators.quality:quality",
-    "explain": "synaug.explain:explain",
+    "quality": "synaug.evaluation.quality:quality",
+    "explain": "synaug.evaluation.explain:explain",
     "experiment": "synaug.experiment:experiment",
     "tune": "synaug.tune:tune",
 }
@@ -88,9 +89,10 @@ class SynAugCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
         parser.add_argument(
             "--test_after_fit",
-            type=bool,
-            default=True,
-            help="After fit, evaluate the best checkpoint once on the test set.",
+            type=bool | None,
+            default=None,
+            help="After fit, evaluate the best checkpoint once on the test set (default: for a classifier; a "
+            "generator has no test step).",
         )
 
     def before_instantiate_classes(self) -> None:
@@ -99,8 +101,14 @@ class SynAugCLI(LightningCLI):
         # model, generators included, would get on top of its own), so the logged config.yaml shows it.
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         module, _, name = cfg.model.class_path.rpartition(".")
+        model = getattr(importlib.import_module(module), name)
+        if cfg.get("test_after_fit") is None:
+            cfg.test_after_fit = issubclass(model, Classifier)
+        if issubclass(model, GeneratorModule) and cfg.trainer.limit_val_batches is None:
+            # A generator has no validation loss: its sample grids (SampleGrid) show progress.
+            cfg.trainer.limit_val_batches = 0
         callbacks = cfg.trainer.callbacks or []
-        if issubclass(getattr(importlib.import_module(module), name), Classifier) and not any(
+        if issubclass(model, Classifier) and not any(
             c.class_path.endswith(".ModelCheckpoint") for c in callbacks
         ):
             checkpoint = Namespace(monitor="val/f1_macro", mode="max")

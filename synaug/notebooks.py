@@ -2,7 +2,7 @@
 files, a grid of a synthetic folder's samples, and tiny demo runs to try the notebooks (and test them) on.
 
 The notebooks hold no logic of their own: each reads its parameters, then calls these functions and
-`synaug.stats` / `synaug.explain`. This module imports neither torch nor lightning (nor `synaug.tracking`, which
+`synaug.stats` / `synaug.evaluation.explain`. This module imports neither torch nor lightning (nor `synaug.tracking`, which
 imports lightning) at the top, so that a notebook that only reads MLflow starts in seconds; the demo functions
 import them when called. For the same reason the tracking URI is always given: the notebooks take it from
 `$MLFLOW_TRACKING_URI`, else the checkout's local store.

@@ -17,8 +17,8 @@ from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 from synaug import notebooks, tracking
-from synaug.explain import explain
-from synaug.generators.quality import quality
+from synaug.evaluation.explain import explain
+from synaug.evaluation.quality import quality
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 

@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 ROOT = Path(__file__).resolve().parents[2]
 # The test helpers write CLIP's BPE vocabulary as CLIPTokenizer files (and the tiny pipeline of --tiny).
 sys.path.insert(0, str(ROOT / "tests" / "generators"))
-from sd_dummy import save_dummy_pipeline, write_clip_vocab  # noqa: E402
+from helpers.sd_dummy import save_dummy_pipeline, write_clip_vocab  # noqa: E402
 
 from synaug.cli import main  # noqa: E402
 
@@ -110,7 +110,7 @@ def main_(args: argparse.Namespace) -> None:
     start = time.perf_counter()
     main(fit)
     fitted = time.perf_counter()
-    (export,) = {p.parent for p in (work / "run").rglob("dreambooth.json")}
+    (export,) = {p.parent for p in (work / "run").rglob("generator.json")}
     gen = [
         "generate",
         str(export),
@@ -118,7 +118,9 @@ def main_(args: argparse.Namespace) -> None:
         "-c",
         str(ROOT / "configs/generators/dreambooth_generate.yaml"),
     ]
-    gen += ["--per_class", str(args.images)] + (["--device", "cpu", "--steps", "2"] if args.tiny else [])
+    gen += ["--per_class", str(args.images)] + (
+        ["--device", "cpu", "--sampler", "{steps: 2}"] if args.tiny else []
+    )
     main(gen)
     done = time.perf_counter()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -75,3 +78,28 @@ class ImageClassifier(Classifier):
     def configure_optimizers(self):
         opt = self.optimizer(self.parameters())
         return opt if self.scheduler is None else {"optimizer": opt, "lr_scheduler": self.scheduler(opt)}
+
+
+def load_classifier(checkpoint: str | Path) -> ImageClassifier:
+    """An `ImageClassifier` from its Lightning checkpoint, in eval mode on the CPU, offline and without unpickling
+    code (`weights_only=True`: a checkpoint file is user input).
+
+    The backbone is rebuilt without fetching pretrained weights (the checkpoint holds the trained ones, and an
+    offline machine has no hub), but keeps the normalisation it was trained with, which `ImageClassifier` takes
+    from the pretrained config when it started from pretrained weights. Not `load_from_checkpoint`: its first
+    parameter is also named `checkpoint_path`, so it cannot override the hyperparameter of that name.
+    """
+    ckpt = torch.load(Path(checkpoint).expanduser(), map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    if "backbone" not in hp or not any(k.startswith("net.") for k in ckpt.get("state_dict", {})):
+        raise ValueError(
+            f"{checkpoint}: not an ImageClassifier checkpoint (no `backbone` hyperparameter and `net.` weights)"
+        )
+    init = inspect.signature(ImageClassifier).parameters  # LightningCLI adds keys such as `_class_path`
+    kwargs = {k: v for k, v in hp.items() if k in init}
+    model = ImageClassifier(**kwargs | {"pretrained": False, "checkpoint_path": None, "compile": False})
+    # A compiled net was saved under `_orig_mod.`.
+    model.load_state_dict({k.replace("net._orig_mod.", "net."): v for k, v in ckpt["state_dict"].items()})
+    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    model.mean, model.std = normalization(model.net, pretrained, hp["in_chans"])
+    return model.eval()

@@ -202,9 +202,6 @@ class ClassificationData(L.LightningDataModule):
         self.train_fingerprint = hashlib.sha256(
             "\n".join(sorted(table.loc[self.train_rows, "sha256"])).encode()
         ).hexdigest()
-        self.table_fingerprint = hashlib.sha256(
-            "\n".join(table["id"] + "\t" + table["sha256"]).encode()
-        ).hexdigest()
         if self.skipped:
             log.warning("skipped %d unreadable image(s) (on_bad_image=skip)", len(self.skipped))
         log.info("training set per class:\n%s", self.counts.to_string())
@@ -293,14 +290,6 @@ class ClassificationData(L.LightningDataModule):
 
     def predict_dataloader(self):
         return self.test_dataloader()
-
-    def all_batches(self, batch_size: int = 256):
-        """Every row of the table in order, unaugmented: for feature extraction and embeddings."""
-        return (
-            self._eval(np.arange(len(self.table)))
-            if self.in_memory
-            else self._dataloader(np.arange(len(self.table)), batch_size)
-        )
 
     def _dataloader(self, sampler, batch_size, transform=None) -> DataLoader:
         workers = os.cpu_count() if self.hparams.num_workers is None else self.hparams.num_workers

@@ -41,6 +41,11 @@ class TrainingSet:
     counts: pd.DataFrame | None = None  # per class: real available, real kept, synthetic
 
 
+def synthetic_count(ratio: float, real_kept: int) -> int:
+    """The counting rule: synthetic images of a class at `ratio`, relative to its kept real images."""
+    return round(ratio * int(real_kept))
+
+
 def plan(
     real_items: pd.DataFrame,
     classes: list[str],
@@ -92,7 +97,7 @@ def plan(
     syn_labels = synthetic.items["label"].to_numpy()
     chosen = []
     for c, name in enumerate(classes):
-        want = round(ratio[c] * counts.at[name, "real_kept"])
+        want = synthetic_count(ratio[c], counts.at[name, "real_kept"])
         pool = np.flatnonzero(usable & (syn_labels == c))
         if want > len(pool):
             raise DataError(

@@ -13,7 +13,8 @@ A synthetic source is a folder of images plus `manifest.csv`, one row per image:
                 `train_sets/<train_set>.txt` beside the manifest
 
 `SyntheticWriter` appends image then row, so a killed generation loses at most the image in flight, and
-`done()` tells a resumed generation exactly which (class, index) pairs exist.
+`done()` tells a resumed generation exactly which (class, index) pairs exist. `write_synthetic` is the one
+resumable loop every generator kind writes through.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
+from tqdm.auto import tqdm
 
 from synaug.data.sources import DataError
 
@@ -139,3 +141,50 @@ def claim_folder(out: Path, settings: dict) -> None:
         )
     out.mkdir(parents=True, exist_ok=True)
     file.write_text(json.dumps(settings, indent=2))
+
+
+def image_seed(seed: int, cls: str, index: int) -> int:
+    """The seed of image `index` of class `cls`: a hash, so it is independent of batching and of other classes."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{cls}/{index}".encode()).digest()[:8], "big") >> 1
+
+
+@dataclass
+class Made:
+    """One image a generator made for a (class, index) pair: the image, its seed ('' for none), its sources."""
+
+    image: np.ndarray | Image.Image
+    seed: int | str
+    source: Sequence[str] = ()
+
+
+def write_synthetic(
+    out: str | Path,
+    settings: dict,
+    wanted: Sequence[tuple[str, int]],
+    make: Callable[[list[tuple[str, int]]], Sequence[Made]],
+    *,
+    generator: str,
+    run_id: str,
+    checkpoint: str = "",
+    train_ids: Sequence[str] | None = None,
+    batch_size: int = 1,
+) -> Path:
+    """Write the images `wanted` ((class, index) pairs) into the synthetic folder `out`, resuming what is there.
+
+    `settings` (what, with the seeds, determines the images) claim the folder (`claim_folder`); the pairs already
+    written are skipped, and `make` is called on batches of at most `batch_size` of the others, returning one
+    `Made` per pair. Rerunning after a kill therefore makes exactly the missing images. Returns `out`.
+    """
+    out = Path(out)
+    claim_folder(out, settings)
+    writer = SyntheticWriter(out, generator, run_id, checkpoint, train_ids)
+    done = writer.done()
+    todo = [w for w in wanted if w not in done]
+    with tqdm(total=len(todo), desc=f"{generator} into {out}", unit="img", disable=not todo) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            made = make(batch)
+            for (c, k), m in zip(batch, made, strict=True):
+                writer.write(m.image, c, k, m.seed, m.source)
+            bar.update(len(batch))
+    return out

@@ -1,18 +1,6 @@
-"""Generators trained on the user's own images.
+"""Generators: every kind follows the contract in `synaug.generators.base` and is registered once in
+`synaug.generators.registry`; `synaug generate` (`synaug.generators.generate`) samples any of them.
 
-The generation command is `synaug.generators.generate.generate`; it is not re-exported here, where its name
-would shadow its module.
+Nothing is imported here, so that loading one kind (or the contract) does not import every other kind's
+dependencies (diffusers, peft).
 """
-
-from synaug.generators.diffusion import PRESETS, build_unet, sample
-from synaug.generators.diffusion_module import ClassConditionalDiffusion, load_generator
-from synaug.generators.export import GeneratorMeta
-
-__all__ = [
-    "PRESETS",
-    "ClassConditionalDiffusion",
-    "GeneratorMeta",
-    "build_unet",
-    "load_generator",
-    "sample",
-]

@@ -1,32 +1,22 @@
-"""`synaug generate`: write N images per class from a trained class-conditional diffusion generator or PGGAN.
+"""`synaug generate`: write N images per class from a trained generator of any registered kind.
 
-Images go through `SyntheticWriter` (`<out>/<class>/<index>.png` + `manifest.csv`) with their provenance: the
-generator's MLflow run, the sha256 of its weights file, the per-image seed and the real images it learned from.
-The settings that, with the seed, determine an image (checkpoint, sampler, steps, guidance) are kept in
-`<out>/generation.json`; a folder only ever holds images made with one set of them. The generator kind comes
-from the checkpoint: `kind` in an export's `generator.json`, or the PGGAN state
-in a Lightning `.ckpt`.
+The kind comes from the export itself (`kind` in its `generator.json`, or in a Lightning `.ckpt`), and the
+registry (`synaug.generators.registry`) loads it. Images go through `write_synthetic` (`<out>/<class>/<index>.png`
++ `manifest.csv`) with their provenance: the generator's MLflow run, the sha256 of its weights, the per-image
+seed and the real images it learned from. The settings that, with the seed, determine an image (checkpoint,
+sampler, steps, guidance) are kept in `<out>/generation.json`; a folder only ever holds images made with one
+set of them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from synaug.data.synthetic import SyntheticWriter, claim_folder
-from synaug.generators.diffusion import SamplerName, sample
-from synaug.generators.diffusion_module import load_generator
-from synaug.generators.pggan import sample as pggan_sample
-from synaug.generators.pggan_module import load_pggan
-
-
-def image_seed(seed: int, cls: str, index: int) -> int:
-    """The seed of image `index` of class `cls`: a hash, so it is independent of batching and of other classes."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{cls}/{index}".encode()).digest()[:8], "big") >> 1
+from synaug.data.synthetic import Made, image_seed, write_synthetic
+from synaug.generators.registry import load_generator
 
 
 def generate(
@@ -34,122 +24,62 @@ def generate(
     out: str,
     per_class: int | dict[str, int] = 100,
     classes: list[str] | None = None,
-    scheduler: SamplerName = "ddim",
-    steps: int = 50,
-    guidance_scale: float = 2.0,
-    batch_size: int = 256,
+    sampler: dict[str, Any] | None = None,
+    batch_size: int | None = None,
     seed: int = 0,
     device: str = "auto",
 ) -> Path:
     """Generate `per_class` images of each class into the folder `out`, resuming what is already there.
 
     Args:
-        checkpoint: a generator export folder (what training writes at its end, `ClassConditionalDiffusion.
-            save_pretrained`, `ProgressiveGAN.save_pretrained`), or a Lightning `.ckpt` of either; either way
-            its EMA weights. A PGGAN samples at the growth stage it was saved at.
-            A Stable Diffusion DreamBooth / LoRA / textual inversion export (a folder with `dreambooth.json`)
-            goes to `synaug.generators.dreambooth.generate_dreambooth` with these arguments (give it SD's
-            settings, e.g. `-c configs/generators/dreambooth_generate.yaml`).
+        checkpoint: a generator export folder (what training writes at its end, `generator/` beside a run's
+            checkpoints) or a Lightning `.ckpt` of a trained generator, of any registered kind: the class-
+            conditional diffusion model, the PGGAN (at the growth stage it was saved at), DreamBooth / LoRA /
+            textual inversion, or a kind registered elsewhere.
         out: the synthetic image folder. Rerunning the same command after a kill makes exactly the images that
             are missing; raising `per_class` later adds the extra indices.
         per_class: images per class, one number for all, or a mapping class name -> number.
-        classes: the classes to generate (default: all the generator knows); only with an int `per_class`.
-        scheduler, steps: sampler (`ddim` or `dpm++`) and its number of steps (diffusion only).
-        guidance_scale: classifier-free guidance weight (1: plain conditional sampling; diffusion only).
-        batch_size: images per batched sampling call.
+        classes: the classes to generate (default: all the generator can make); only with an int `per_class`.
+        sampler: the kind's sampling settings, the arguments of its `load` (diffusion: `scheduler` `ddim` or
+            `dpm++`, `steps`, `guidance_scale`; DreamBooth: those and `negative_prompt`, `channels`, `model`;
+            the PGGAN has none). A setting the kind does not take is an error naming those it takes.
+        batch_size: images per batched sampling call (default: the kind's).
         seed: base seed; image k of class c starts from the noise of `image_seed(seed, c, k)`, recorded in the
-            manifest, so `sample(unet, [label], [that seed], ...)` with these settings remakes it (a PGGAN's
-            latent is `torch.randn` seeded with it: `synaug.generators.pggan.sample(g, [label], [that seed])`).
+            manifest, so the kind's `sample([c], [that seed])` with these settings remakes it.
         device: `auto` (CUDA when present, bf16 autocast there), `cpu`, `cuda`, `cuda:1`, ...
 
     Returns the output folder.
     """
-    if (Path(checkpoint) / "dreambooth.json").is_file():
-        # Imported here: dreambooth imports this module (image_seed), and the diffusion path needs no peft.
-        from synaug.generators.dreambooth import generate_dreambooth
-
-        return generate_dreambooth(
-            checkpoint,
-            out,
-            per_class,
-            classes,
-            scheduler,
-            steps,
-            guidance_scale,
-            batch_size=batch_size,
-            seed=seed,
-            device=device,
-        )
-    kind = generator_kind(Path(checkpoint))
-    if kind == "pggan":
-        # One forward pass from the latent: sampler, steps and guidance do not apply.
-        net, meta = load_pggan(checkpoint)
-        settings = dict(generator=kind, checkpoint=meta.checkpoint, seed=seed)
-
-        def make(labels, seeds):
-            return pggan_sample(net, labels, seeds, image_size=meta.image_size)
-    else:
-        net, meta = load_generator(checkpoint)
-        settings = dict(
-            generator=kind,
-            checkpoint=meta.checkpoint,
-            scheduler=scheduler,
-            steps=steps,
-            guidance_scale=guidance_scale,
-            seed=seed,
-        )
-
-        def make(labels, seeds):
-            return sample(
-                net,
-                labels,
-                seeds,
-                scheduler=scheduler,
-                steps=steps,
-                guidance_scale=guidance_scale,
-                image_size=meta.image_size,
-                train_schedule=meta.noise_schedule,
-            )
-
+    gen = load_generator(checkpoint, device, **(sampler or {}))
     if isinstance(per_class, dict):
         if classes is not None:
             raise ValueError("give `classes` with an int `per_class`, or a `per_class` mapping alone")
         counts = dict(per_class)
     else:
-        counts = {c: per_class for c in (classes or meta.class_names)}
-    unknown = sorted(set(counts) - set(meta.class_names))
+        counts = {c: per_class for c in (classes or gen.classes)}
+    unknown = sorted(set(counts) - set(gen.classes))
     if unknown:
-        raise ValueError(f"class(es) {unknown} unknown to the generator; it knows {meta.class_names}")
+        raise ValueError(f"class(es) {unknown} unknown to the generator; it can make {gen.classes}")
     negative = {c: n for c, n in counts.items() if n < 0}
     if negative:
         raise ValueError(f"negative image counts: {negative}")
+    meta = gen.meta
 
-    out = Path(out)
-    claim_folder(out, settings)
+    def make(batch: list[tuple[str, int]]) -> list[Made]:
+        seeds = [image_seed(seed, c, k) for c, k in batch]
+        images = gen.sample([c for c, _ in batch], seeds)
+        if isinstance(images, torch.Tensor):
+            images = images.numpy()  # uint8 (N, C, H, W): one (C, H, W) array per image
+        return [Made(image, s) for image, s in zip(images, seeds, strict=True)]
 
-    writer = SyntheticWriter(
-        out, generator=kind, run_id=meta.run_id, checkpoint=meta.checkpoint, train_ids=meta.train_ids
+    return write_synthetic(
+        out,
+        dict(generator=gen.name, checkpoint=meta.checkpoint, **gen.settings(), seed=seed),
+        [(c, k) for c, n in counts.items() for k in range(n)],
+        make,
+        generator=gen.name,
+        run_id=meta.run_id,
+        checkpoint=meta.checkpoint,
+        train_ids=meta.train_ids,
+        batch_size=batch_size or gen.batch_size,
     )
-    done = writer.done()
-    todo = [(c, k) for c, n in counts.items() for k in range(n) if (c, k) not in done]
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    net.to(dev)
-    with tqdm(total=len(todo), desc=f"generating into {out}", unit="img") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            seeds = [image_seed(seed, c, k) for c, k in batch]
-            images = make([meta.class_names.index(c) for c, _ in batch], seeds)
-            for (c, k), s, image in zip(batch, seeds, images, strict=True):
-                writer.write(image.numpy(), c, k, s)
-            bar.update(len(batch))
-    return out
-
-
-def generator_kind(path: Path) -> str:
-    """`pggan` or `diffusion`, from an export's `generator.json` or the state a Lightning `.ckpt` holds."""
-    info = path / "generator.json"
-    if info.is_file():
-        return json.loads(info.read_text())["kind"]
-    if path.suffix == ".ckpt" and path.is_file():
-        return "pggan" if "pggan" in torch.load(path, map_location="cpu", weights_only=True) else "diffusion"
-    return "diffusion"  # not a generator at all: load_generator's error says what it expected

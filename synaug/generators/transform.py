@@ -21,13 +21,12 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
-from synaug.data.mixing import plan
+from synaug.data.mixing import plan, synthetic_count
 from synaug.data.sources import ImageSource, load_source
-from synaug.data.synthetic import SyntheticWriter, claim_folder, train_set_fingerprint
+from synaug.data.synthetic import Made, image_seed, train_set_fingerprint, write_synthetic
 from synaug.data.transforms import Policy, policy_transform
-from synaug.generators.generate import image_seed
+from synaug.generators.registry import register
 
 
 def transform_generate(
@@ -85,7 +84,7 @@ def transform_generate(
 def needed(real_kept: pd.Series, ratio: float | dict[str, float]) -> dict[str, int]:
     """Synthetic images per class that `ratio` asks for with these kept real counts (`synaug.data.mixing`)."""
     ratios = ratio if isinstance(ratio, dict) else dict.fromkeys(real_kept.index, ratio)
-    return {c: round(r * int(real_kept[c])) for c, r in ratios.items() if r}
+    return {c: synthetic_count(r, real_kept[c]) for c, r in ratios.items() if r}
 
 
 def write_transforms(
@@ -105,7 +104,6 @@ def write_transforms(
     ids = src.items["id"].to_numpy()
     train_ids = ids[subset].tolist()
 
-    out_dir = Path(out)
     settings = dict(
         generator="transform",
         data=src.fingerprint,
@@ -115,28 +113,39 @@ def write_transforms(
         seed=seed,
         train_set=train_set_fingerprint(train_ids),
     )
-    claim_folder(out_dir, settings)
-
-    writer = SyntheticWriter(
-        out_dir, generator="transform", run_id=f"transform-{policy}", train_ids=train_ids
-    )
-    done = writer.done()
     transform = policy_transform(policy)
     labels = src.items["label"].to_numpy()
-    todo = [(c, k) for c, n in counts.items() for k in range(n) if (c, k) not in done]
     order = {
         c: np.random.default_rng([seed, src.classes.index(c)]).permutation(
             subset[labels[subset] == src.classes.index(c)]
         )
         for c in counts
     }
-    for c, k in tqdm(todo, desc=f"transforming into {out_dir}", unit="img", disable=not todo):
+
+    def make(batch: list[tuple[str, int]]) -> list[Made]:
+        ((c, k),) = batch
         i = int(order[c][k % len(order[c])])
         s = image_seed(seed, c, k)
         torch.manual_seed(s)  # torchvision draws its random parameters from the global generator
         image = transform(torch.from_numpy(src.load(i, image_size, channels)))
-        writer.write(image.numpy(), c, k, s, source=[ids[i]])
-    return out_dir
+        return [Made(image.numpy(), s, [ids[i]])]
+
+    return write_synthetic(
+        out,
+        settings,
+        [(c, k) for c, n in counts.items() for k in range(n)],
+        make,
+        generator="transform",
+        run_id=f"transform-{policy}",
+        train_ids=train_ids,
+    )
+
+
+register(
+    "transform",
+    "conventional transforms (AutoAugment, ...) of real training images: the baseline; training-free",
+    command=transform_generate,
+)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,15 @@ class BasicCNN(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.fc
 
+    # Its head flattens the last feature map into fully connected layers, so each position has its own weights:
+    # Grad-CAM's gradients averaged over space can miss (or cancel) what the model used; HiResCAM keeps the
+    # gradient per position and is exact there.
+    gradcam_method = "hirescam"
+
+    def gradcam_layers(self) -> tuple[list[nn.Module], None]:
+        """Grad-CAM's target (`synaug.models.gradcam`): the output of the last conv block (conv, ReLU, pool)."""
+        return [[m for m in self.features if isinstance(m, nn.MaxPool2d)][-1]], None
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.hidden(self.features(x))
 

@@ -18,19 +18,21 @@ import open_clip
 import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from synaug.cache import cached_tensors
 from synaug.data.sources import ImageSource, OnBad
+from synaug.evaluation.features import ImageFeatures
 from synaug.models.backbones import WeightsUnavailableError, create_backbone, weights_id
+from synaug.utils import file_sha256, pick_device
 
 OPEN_CLIP_PREFIX = "open_clip:"
 DECODE_CHUNK = 1024  # images decoded at once: bounds memory at ~150 MB of uint8 for 224 px RGB
 
 
-class Embedder(nn.Module):
-    """uint8 images (n, 1 or 3, H, W) -> L2-normalised features (n, dim), with the model's own preprocessing."""
+class Embedder(ImageFeatures):
+    """uint8 images (n, 1 or 3, H, W) -> L2-normalised features (n, dim), with the model's own preprocessing:
+    the one feature extractor (`synaug.evaluation.features.ImageFeatures`) with unit-norm output."""
 
     def __init__(
         self,
@@ -44,46 +46,23 @@ class Embedder(nn.Module):
         interpolation: str = "bicubic",
         in_chans: int = 3,
     ):
-        super().__init__()
-        self.model = model.eval()
-        self.name = name
-        self.weights = weights  # changes whenever the weights change: part of the embedding cache key
+        super().__init__(
+            model,
+            name,
+            in_chans,
+            getattr(model, "num_features", 0) or getattr(model, "output_dim", 0),
+            torch.tensor(mean),
+            torch.tensor(std),
+            size=image_size,
+            interpolation=interpolation,
+            l2_normalize=True,
+            weights=weights,  # changes whenever the weights change: part of the embedding cache key
+        )
         self.image_size = image_size
-        self.interpolation = interpolation
-        self.in_chans = in_chans
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False
-        )
-
-    @property
-    def device(self) -> torch.device:
-        return self.mean.device
-
-    @torch.inference_mode()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(self.device).float() / 255
-        if x.shape[1] == 1 and self.in_chans == 3:
-            # Grey scans: the same intensity in R, G and B, as PIL's L->RGB conversion does.
-            x = x.expand(-1, 3, -1, -1)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            # A plain resize, not timm's resize + centre crop: the images are already square, and a crop would
-            # drop anatomy at the borders that tells MRI views apart.
-            x = F.interpolate(
-                x,
-                size=(self.image_size, self.image_size),
-                mode=self.interpolation,
-                antialias=True,
-                align_corners=False,
-            )
-        x = (x - self.mean) / self.std
-        return F.normalize(self.model(x).float(), dim=-1)
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_device("auto")
 
 
 def create_embedder(
@@ -189,7 +168,7 @@ def _open_clip_weights_id(arch: str, weights: str | None) -> str:
     if weights is None:
         return f"open_clip:{arch}:random"
     if Path(weights).is_file():
-        return f"open_clip:{arch}:file:{hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]}"
+        return f"open_clip:{arch}:file:{file_sha256(weights)[:16]}"
     return f"open_clip:{arch}:tag:{weights}"
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sd_dummy import save_dummy_pipeline  # tests/generators/ is on sys.path (pytest rootdir-less import)
+from helpers.sd_dummy import save_dummy_pipeline  # tests/ is on sys.path (pytest rootdir-less import)
 
 
 @pytest.fixture(autouse=True, scope="module")

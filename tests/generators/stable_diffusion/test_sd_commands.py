@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers.toy import image_folder  # tests/ is on sys.path (pytest rootdir-less import)
 from PIL import Image
-from toy import image_folder  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.cli import main
 from synaug.data.synthetic import read_synthetic, train_set_fingerprint
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "generators"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "generators"
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]  # the brain MRI classes the configs name
 
 
@@ -32,17 +32,17 @@ def test_dreambooth_lora_on_one_cluster_then_generate_resumably(tiny, real, tmp_
         + ["--trainer.accelerator", "cpu", "--trainer.precision", "32-true"]
         + ["--trainer.default_root_dir", str(tmp_path / "run")]
     )
-    (meta,) = (tmp_path / "run").rglob("dreambooth.json")
+    (meta,) = (tmp_path / "run").rglob("generator.json")
     export = meta.parent
     assert sorted(p.name for p in export.iterdir()) == [
-        "dreambooth.json",
+        "generator.json",
         "pytorch_lora_weights.safetensors",
         "train_ids.txt",
     ]
 
     out = tmp_path / "syn"
     args = ["generate", str(export), str(out), "-c", str(CONFIGS / "dreambooth_generate.yaml")]
-    args += ["--per_class", "3", "--steps", "2", "--batch_size", "2", "--device", "cpu"]
+    args += ["--per_class", "3", "--sampler", "{steps: 2}", "--batch_size", "2", "--device", "cpu"]
     main(args)
     items = read_synthetic(out, CLASSES).items
     assert sorted(items["path"]) == [f"glioma/{k:06d}.png" for k in range(3)]  # the one class learned

@@ -1,24 +1,29 @@
 """DreamBooth (LoRA, full) and textual inversion on a tiny Stable Diffusion pipeline built in code."""
 
 import json
+import shutil
 
 import mlflow
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from helpers.sd_dummy import (
+    save_dummy_sdxl_pipeline,
+)  # tests/ is on sys.path (pytest rootdir-less import)
+from helpers.toy import toy_data, trainer  # tests/ is on sys.path (pytest rootdir-less import)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
-from sd_dummy import (
-    save_dummy_sdxl_pipeline,
-)  # tests/generators/ is on sys.path (pytest rootdir-less import)
 from torch.utils.data import DataLoader, TensorDataset
-from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
-from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.diffusion import inference_scheduler
-from synaug.generators.dreambooth import DreamBooth, generate_dreambooth, load_dreambooth, sample_pipeline
-from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion import load_pipeline
+from synaug.data.synthetic import image_seed, read_synthetic, train_set_fingerprint
+from synaug.generators.diffusion.network import inference_scheduler
+from synaug.generators.generate import generate
+from synaug.generators.stable_diffusion.dreambooth import (
+    DreamBooth,
+    load_dreambooth,
+    sample_pipeline,
+)
+from synaug.generators.stable_diffusion.pipeline import load_pipeline
 from synaug.tracking import MLFlowLogger
 
 CLASSES = ["glioma", "meningioma"]
@@ -91,8 +96,13 @@ def test_lora_export_reloads_into_a_fresh_pipeline_with_the_same_output(lora_run
     export = m.export_dir()
     assert (export / "pytorch_lora_weights.safetensors").is_file()
     assert not list(export.rglob("diffusion_pytorch_model*"))  # adapters only, no copy of the base UNet
-    meta = json.loads((export / "dreambooth.json").read_text())
-    assert meta["method"] == "lora" and meta["run_id"] == logger.run_id and meta["classes"] == CLASSES
+    meta = json.loads((export / "generator.json").read_text())
+    assert (
+        meta["kind"] == "dreambooth"
+        and meta["method"] == "lora"
+        and meta["run_id"] == logger.run_id
+        and meta["classes"] == CLASSES
+    )
     assert meta["prompts"]["glioma"] == "an image of a glioma brain MRI"
 
     prompts, seeds = [m.prompts["glioma"], m.prompts["meningioma"]], [3, 4]
@@ -189,7 +199,8 @@ def test_textual_inversion_trains_only_the_new_rows(tiny, tmp_path):
     assert list(saved) == ["<glioma>"] and torch.equal(saved["<glioma>"][0], emb.new[0].detach())
     assert not (export / "textual_inversion" / "meningioma").exists()  # only learned classes are exported
     pipe, meta = load_dreambooth(export)
-    assert meta.classes == ["glioma"] and meta.prompts == {"glioma": "an image of a <glioma> brain MRI"}
+    assert meta.info["classes"] == ["glioma"]
+    assert meta.info["prompts"] == {"glioma": "an image of a <glioma> brain MRI"}
     prompt = [m.prompts["glioma"]]
     ours = m.sample(prompt, [7], steps=2)
     theirs = images(pipe, prompt, [7], 2)
@@ -215,7 +226,7 @@ def test_generate_from_an_export_writes_provenance(lora_run, tmp_path):
     m, _, _, logger, _ = lora_run
     m.train_ids = ["train/glioma/1.png", "train/meningioma/1.png"]
     export = m.save_pretrained(tmp_path / "export")
-    out = generate_dreambooth(str(export), str(tmp_path / "syn"), per_class=2, steps=2, device="cpu")
+    out = generate(str(export), str(tmp_path / "syn"), per_class=2, sampler=dict(steps=2), device="cpu")
     items = read_synthetic(out, CLASSES).items
     assert sorted(items["path"]) == [f"{c}/{k:06d}.png" for c in CLASSES for k in range(2)]
     assert set(items["generator"]) == {"sd-lora"} and set(items["run_id"]) == {logger.run_id}
@@ -223,7 +234,22 @@ def test_generate_from_an_export_writes_provenance(lora_run, tmp_path):
     assert set(items["checkpoint"]) == {load_dreambooth(export)[1].checkpoint}
     assert [int(s) for s in items["seed"]] == [image_seed(0, c, k) for c in CLASSES for k in range(2)]
     with pytest.raises(ValueError, match="holds images generated with"):
-        generate_dreambooth(str(export), str(out), per_class=2, steps=3, device="cpu")
+        generate(str(export), str(out), per_class=2, sampler=dict(steps=3), device="cpu")
+
+    # An export written before the one metadata schema (DreamBoothMeta's dreambooth.json) still loads and
+    # makes the same images.
+    old = tmp_path / "old_export"
+    shutil.copytree(export, old)
+    info = json.loads((old / "generator.json").read_text())
+    del info["kind"], info["module"]
+    info["resolution"] = info.pop("image_size")
+    (old / "dreambooth.json").write_text(json.dumps(info))
+    (old / "generator.json").unlink()
+    _, meta = load_dreambooth(old)
+    assert (meta.kind, meta.image_size, meta.info["classes"]) == ("dreambooth", m.hparams.resolution, CLASSES)
+    again = generate(str(old), str(tmp_path / "syn_old"), per_class=2, sampler=dict(steps=2), device="cpu")
+    for p in sorted(items["path"]):
+        assert (again / p).read_bytes() == (out / p).read_bytes()
 
 
 def test_sdxl_lora_with_both_text_encoders_reloads_with_the_same_output(tmp_path):

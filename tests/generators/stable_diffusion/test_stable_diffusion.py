@@ -7,19 +7,15 @@ import pandas as pd
 import pytest
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
+from helpers.toy import image_folder  # tests/ is on sys.path (pytest rootdir-less import)
 from PIL import Image
-from toy import image_folder  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
 from synaug.data.sources import DataError
-from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.export import sha256
-from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion import (
-    CheckpointNotFoundError,
-    img2img,
-    import_folder,
-    load_pipeline,
-)
+from synaug.data.synthetic import image_seed, read_synthetic, train_set_fingerprint
+from synaug.generators.base import sha256
+from synaug.generators.external import import_folder
+from synaug.generators.stable_diffusion.img2img import img2img
+from synaug.generators.stable_diffusion.pipeline import CheckpointNotFoundError, load_pipeline
 
 CLASSES = ["glioma", "meningioma"]
 

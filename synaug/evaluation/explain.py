@@ -14,12 +14,14 @@ normalised as the model expects. For the basic CNN pass `method="hirescam"` (see
 `synaug explain -c configs/explain/example.yaml` does it for a trained `ImageClassifier` checkpoint: n real
 images of each class from a real split against n synthetic images of the class from synthetic folders, logged
 to MLflow (`explain`); `explain_checkpoint` is the same without the logging, for notebooks.
+
+Over 400 lines, on purpose: the maps, their similarity, the figures and the command are one workflow; the
+model-family knowledge (which layer, which method) lives in `synaug.models.gradcam`.
 """
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -32,18 +34,17 @@ import torch.nn as nn
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from scipy.ndimage import gaussian_filter
-from timm.models.resnet import ResNet
-from timm.models.vision_transformer import VisionTransformer
 
 from synaug import tracking
-from synaug.classifiers.finetune import ImageClassifier
+from synaug.classifiers.finetune import load_classifier
 from synaug.data import ClassificationData
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS
 from synaug.data.synthetic import read_synthetic
-from synaug.models.backbones import normalization
-from synaug.models.basic_cnn import BasicCNN
+from synaug.evaluation.features import of_classifier
+from synaug.models.gradcam import gradcam_method, target_layers
 from synaug.tracking import log_figure
+from synaug.utils import pick_device
 
 METHODS = {
     "gradcam": GradCAM,
@@ -68,51 +69,6 @@ class LogOddsTarget:
 
 
 SCORES = {"log_odds": LogOddsTarget, "logit": ClassifierOutputTarget}
-
-
-def target_layers(model: nn.Module) -> tuple[list[nn.Module], Callable[[torch.Tensor], torch.Tensor] | None]:
-    """The Grad-CAM target layers of `model` and the reshape transform its activations need.
-
-    - timm ResNet (any depth, resnet10t, SE/ResNeXt variants): the last block of `layer4`, the
-      highest-level features that still have a spatial grid.
-    - BasicCNN: the output of its last conv block (conv, ReLU, max-pool).
-    - timm VisionTransformer: the last block's `norm1`, with a transform that drops the prefix (class,
-      register, distillation) tokens and lays the patch tokens out on the patch grid.
-
-    Anything else raises a TypeError naming the model's class: there is no generic fallback, because a
-    wrong layer (e.g. the patch-embedding conv of a transformer) gives maps that look plausible and mean
-    nothing.
-    """
-    if isinstance(model, ResNet):
-        return [model.layer4[-1]], None
-    if isinstance(model, BasicCNN):
-        pools = [m for m in model.features if isinstance(m, nn.MaxPool2d)]
-        return [pools[-1]], None
-    if isinstance(model, VisionTransformer):
-        # With a class-token head the last block's output patch tokens never reach the logits, so their
-        # gradients are zero; the input of the last attention (norm1) is where patch tokens still matter.
-        reshape = partial(
-            _tokens_to_grid,
-            num_prefix_tokens=model.num_prefix_tokens,
-            grid_size=tuple(model.patch_embed.grid_size),
-        )
-        return [model.blocks[-1].norm1], reshape
-    raise TypeError(
-        f"No Grad-CAM target layer known for {type(model).__name__}; supported: timm ResNet, BasicCNN, "
-        "timm VisionTransformer"
-    )
-
-
-def _tokens_to_grid(tokens: torch.Tensor, num_prefix_tokens: int, grid_size: tuple[int, int]) -> torch.Tensor:
-    """(N, prefix + H*W, C) tokens to the (N, C, H, W) layout Grad-CAM expects from a CNN."""
-    h, w = grid_size
-    patches = tokens[:, num_prefix_tokens:]
-    if patches.shape[1] != h * w:
-        raise ValueError(
-            f"ViT gave {patches.shape[1]} patch tokens but its patch grid is {h}x{w}: Grad-CAM needs inputs "
-            "of the size the model was built for (img_size)"
-        )
-    return patches.reshape(tokens.shape[0], h, w, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
 def gradcam(
@@ -326,38 +282,11 @@ def log_explanations(
 # --- the command --------------------------------------------------------------------------------------------
 
 
-def load_classifier(checkpoint: str | Path, weights_only: bool = True) -> ImageClassifier:
-    """An `ImageClassifier` from its Lightning checkpoint, in eval mode on the CPU.
-
-    The backbone is rebuilt without fetching pretrained weights (the checkpoint holds the trained ones, and an
-    offline machine has no hub), but keeps the normalisation it was trained with, which `ImageClassifier` takes
-    from the pretrained config when it started from pretrained weights. Not `load_from_checkpoint`: its first
-    parameter is also named `checkpoint_path`, so it cannot override the hyperparameter of that name.
-    `weights_only=False` unpickles arbitrary objects: only for checkpoints you trust.
-    """
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=weights_only)
-    hp = ckpt["hyper_parameters"]
-    init = inspect.signature(ImageClassifier).parameters  # LightningCLI adds keys such as `_class_path`
-    kwargs = {k: v for k, v in hp.items() if k in init}
-    model = ImageClassifier(**kwargs | {"pretrained": False, "checkpoint_path": None, "compile": False})
-    # A compiled net was saved under `_orig_mod.`.
-    model.load_state_dict({k.replace("net._orig_mod.", "net."): v for k, v in ckpt["state_dict"].items()})
-    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
-    model.mean, model.std = normalization(model.net, pretrained, hp["in_chans"])
-    return model.eval()
-
-
 def resolve_method(net: nn.Module, method: str) -> str:
-    """`auto` is HiResCAM for the basic CNN and Grad-CAM for everything else; other names pass through.
-
-    The basic CNN's head flattens its last feature map into fully connected layers, so each position has its
-    own weights, and Grad-CAM's gradients averaged over space can miss (or cancel) what the model used; HiResCAM
-    keeps the gradient per position and is exact there. A timm ResNet global-average-pools its last block, where
-    the two give the same maps, and Grad-CAM is the method readers know (see `gradcam`).
-    """
-    if method != "auto":
-        return method
-    return "hirescam" if isinstance(net, BasicCNN) else "gradcam"
+    """`auto` is the method the model family declares (HiResCAM for the basic CNN, whose flattening head
+    Grad-CAM's spatially averaged gradients do not fit; Grad-CAM for a timm ResNet, which global-average-pools
+    its last block, where the two give the same maps, and for the rest); other names pass through."""
+    return gradcam_method(net) if method == "auto" else method
 
 
 def _pick(items: Sequence, n: int, rng: np.random.Generator) -> list:
@@ -376,7 +305,6 @@ def explain_checkpoint(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 32,
-    weights_only: bool = True,
     device: str | None = None,
 ) -> tuple[list[dict], list[str]]:
     """`compare_real_synthetic` for each class of a trained classifier: returns the results and the class names.
@@ -387,7 +315,7 @@ def explain_checkpoint(
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
-    model = load_classifier(checkpoint, weights_only)
+    model = load_classifier(checkpoint)
     hp = model.hparams
     # The images as the model was trained on them: its size and channels, unless the data says otherwise.
     args = {"image_size": hp.image_size, "channels": hp.in_chans} | (
@@ -409,8 +337,8 @@ def explain_checkpoint(
     if unknown:
         raise ValueError(f"classes {unknown} are not among the data's classes {names}")
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
+    model.to(pick_device(device))
+    inputs = of_classifier(model, str(checkpoint), resize=False)  # at the data's size, as given
     rng = np.random.default_rng(seed)
     table = dm.table
     results = []
@@ -427,8 +355,8 @@ def explain_checkpoint(
         fake = torch.from_numpy(
             np.stack([load_image(f, args["image_size"], args["channels"]) for f in files])
         )
-        # Normalised exactly as ImageClassifier.forward does, so that model.net sees what it was trained on.
-        real, fake = ((x.to(device).float() / 255 - model.mean) / model.std for x in (real, fake))
+        # Prepared exactly as ImageClassifier.forward prepares them, so that model.net sees what it was trained on.
+        real, fake = (inputs.preprocess(x) for x in (real, fake))
         result = compare_real_synthetic(
             model.net, real, fake, label, resolve_method(model.net, method), score, batch_size
         )
@@ -475,7 +403,6 @@ def explain(
     split: str = "test",
     seed: int = 0,
     batch_size: int = 32,
-    weights_only: bool = True,
     device: str | None = None,
     experiment: str = "explain",
     run_name: str | None = None,
@@ -484,7 +411,8 @@ def explain(
     """Grad-CAM of a trained classifier on real vs synthetic images of each class, printed and logged to MLflow.
 
     Args:
-        checkpoint: a Lightning checkpoint of an `ImageClassifier` (`synaug fit`).
+        checkpoint: a Lightning checkpoint of an `ImageClassifier` (`synaug fit`), loaded without unpickling
+            code (`synaug.classifiers.finetune.load_classifier`).
         data: the real data: `ClassificationData` arguments (a mapping, as under `data:` in a training config)
             or just its root. Image size and channels default to the classifier's.
         synthetic: synthetic folders with their manifest.csv (default: `synthetic` in `data`).
@@ -496,7 +424,6 @@ def explain(
         split: the real split the real images come from.
         seed: seed of the image draw.
         batch_size: images per Grad-CAM batch.
-        weights_only: load the checkpoint without unpickling arbitrary objects (see `load_classifier`).
         device: where to run (default: CUDA when present).
         experiment: MLflow experiment name.
         run_name: MLflow run name.
@@ -507,7 +434,7 @@ def explain(
     Returns the table (one row per class).
     """
     results, names = explain_checkpoint(
-        checkpoint, data, synthetic, classes, n, method, score, split, seed, batch_size, weights_only, device
+        checkpoint, data, synthetic, classes, n, method, score, split, seed, batch_size, device
     )
     table = similarity_table(results, names)
     print(f"Grad-CAM of {checkpoint} on '{split}' real vs synthetic images (mean maps; {score}):")

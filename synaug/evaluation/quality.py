@@ -1,7 +1,7 @@
 """Per-class quality of a synthetic folder against real images: FID, KID, k-NN precision/recall, memorization
 of training images and leakage of held-out images, all computed on one set of features.
 
-The feature extractor is named in every row of the report:
+The feature extractor (`synaug.evaluation.features`) is named in every row of the report:
 - `"inception"`: the Inception-v3 FID network (torchmetrics over torch-fidelity, 2048-d pool features), from a
   local `inception_weights` file or the torch hub cache. When neither has it and it cannot be downloaded,
   `WeightsUnavailableError` names the model and how to pass the file.
@@ -14,6 +14,9 @@ The feature extractor is named in every row of the report:
 
 Features are extracted once per image set and handed to torchmetrics' FID and KID through a pass-through
 module, so every metric in a row sees exactly the same features.
+
+Over 400 lines, on purpose: the metrics and the command that reports them per class share the feature cache
+and the per-class bookkeeping; the feature extractors themselves live in `synaug.evaluation.features`.
 """
 
 from __future__ import annotations
@@ -23,214 +26,26 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mlflow.entities import Metric, Param
-from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
+from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from synaug import tracking
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS, load_source
 from synaug.data.synthetic import read_synthetic
-from synaug.models.backbones import WeightsUnavailableError, create_backbone, normalization, weights_id
+from synaug.evaluation.features import extract, feature_extractor
 from synaug.tracking import plt  # with the headless backend tracking selects
 
 log = logging.getLogger(__name__)
 
 KID_SUBSET_SIZE = 1000  # torchmetrics' default
-INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
-
-
-# --- feature extractors -------------------------------------------------------------------------------------
-
-
-class ImageFeatures(nn.Module):
-    """uint8 images (N, C, H, W) -> features (N, d) of `model`, with the model's name.
-
-    Grey images are repeated to `in_chans`. With `mean`/`std` the images become floats in [0, 1], resized to
-    `size` when given, then normalised; without them the model takes the uint8 images as they are (the
-    Inception FID network resizes and scales them itself).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        name: str,
-        in_chans: int,
-        num_features: int,
-        mean: torch.Tensor | None = None,
-        std: torch.Tensor | None = None,
-        size: int | None = None,
-    ):
-        super().__init__()
-        self.model = model.eval()
-        self.name = name
-        self.in_chans = in_chans
-        self.num_features = num_features
-        self.size = size
-        self.normalize = mean is not None
-        if self.normalize:
-            self.register_buffer("mean", mean)
-            self.register_buffer("std", std)
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != torch.uint8:
-            raise TypeError(f"{self.name}: expects uint8 images (N, C, H, W), got {x.dtype}")
-        if x.shape[1] != self.in_chans:
-            if x.shape[1] != 1:
-                raise ValueError(
-                    f"{self.name}: takes {self.in_chans}-channel (or grey) images, got {x.shape[1]}"
-                )
-            x = x.expand(-1, self.in_chans, -1, -1)
-        if not self.normalize:
-            return self.model(x)
-        x = x.float() / 255
-        if self.size is not None:
-            x = F.interpolate(
-                x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False
-            )
-        return self.model((x - self.mean) / self.std)
-
-
-def inception_features(weights: str | Path | None = None) -> ImageFeatures:
-    """The Inception-v3 FID network (2048-d pool features) from `weights`, else the torch hub cache or a download."""
-    if weights is not None and not Path(weights).expanduser().is_file():
-        raise WeightsUnavailableError(f"Inception-v3 FID weights not found: {weights}")
-    try:
-        model = NoTrainInceptionV3(
-            name="inception-v3-compat",
-            features_list=["2048"],
-            feature_extractor_weights_path=None if weights is None else str(Path(weights).expanduser()),
-        )
-    except OSError as err:  # URLError: not in the torch hub cache and no network to download it
-        raise WeightsUnavailableError(
-            f"Inception-v3 FID weights (torch-fidelity 'inception-v3-compat', {Path(INCEPTION_URL).name}) could "
-            f"not be loaded: {type(err).__name__}: {err}. This machine cannot download them. Download "
-            f"{INCEPTION_URL} where you can, then pass the file with `inception_weights: /path/to/"
-            f"{Path(INCEPTION_URL).name}` (or put it in {torch.hub.get_dir()}/checkpoints/), or use "
-            f"`feature: <timm model name>` with `checkpoint_path`, or `feature: auto` with `backbone` to fall "
-            f"back to a backbone when Inception is unavailable."
-        ) from err
-    if weights is None:
-        name = "inception-v3-compat:fid-2015-12-05"
-    else:
-        name = f"inception-v3-compat:file:{hashlib.sha256(Path(weights).expanduser().read_bytes()).hexdigest()[:16]}"
-    return ImageFeatures(model, name, in_chans=3, num_features=2048)
-
-
-def backbone_features(
-    name: str, checkpoint_path: str | Path | None = None, in_chans: int = 3
-) -> ImageFeatures:
-    """A timm backbone's pooled features, weights from `checkpoint_path` (timm format) or, without one, the hub.
-
-    Images are resized to the model's input size and normalised with its statistics (timm's data config)."""
-    pretrained = checkpoint_path is None
-    model = create_backbone(
-        name, pretrained=pretrained, checkpoint_path=checkpoint_path, num_classes=0, in_chans=in_chans
-    )
-    cfg = timm.data.resolve_model_data_config(model)
-    mean, std = normalization(model, True, in_chans)
-    # The weights (hub or their local copy) were trained at the model's input size and statistics; the
-    # project's own classifiers, trained at their own size, go through `classifier_features`.
-    size = cfg["input_size"][-1]
-    return ImageFeatures(
-        model, weights_id(name, pretrained, checkpoint_path), in_chans, model.num_features, mean, std, size
-    )
-
-
-def classifier_features(checkpoint_path: str | Path) -> ImageFeatures:
-    """The pooled backbone features of a fine-tuned `ImageClassifier` from its Lightning checkpoint.
-
-    The images are resized to the classifier's `image_size` and normalised as `ImageClassifier` does: with the
-    backbone's pretrained statistics when it started from pretrained weights, else with mean = std = 0.5.
-    """
-    path = Path(checkpoint_path).expanduser()
-    if not path.is_file():
-        raise WeightsUnavailableError(f"Classifier checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)  # our own checkpoint: hparams are pickled
-    hp = ckpt["hyper_parameters"]
-    # A compiled net is saved under `_orig_mod.`.
-    weights = {
-        k.removeprefix("net.").removeprefix("_orig_mod."): v
-        for k, v in ckpt["state_dict"].items()
-        if k.startswith("net.")
-    }
-    if not weights or "backbone" not in hp:
-        raise ValueError(
-            f"{path}: not an ImageClassifier checkpoint (no `backbone` hyperparameter and `net.` "
-            f"weights); for a frozen-feature classifier use `feature: <its backbone>`"
-        )
-    model = create_backbone(
-        hp["backbone"], num_classes=0, in_chans=hp["in_chans"], **(hp.get("model_kwargs") or {})
-    )
-    missing = model.state_dict().keys() - weights.keys()
-    if missing:
-        raise ValueError(f"{path}: backbone '{hp['backbone']}' weights lack {sorted(missing)[:5]}")
-    model.load_state_dict({k: weights[k] for k in model.state_dict()})  # the classifier head is left out
-    mean, std = normalization(model, bool(hp.get("pretrained") or hp.get("checkpoint_path")), hp["in_chans"])
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    return ImageFeatures(
-        model,
-        f"classifier:{hp['backbone']}:file:{digest}",
-        hp["in_chans"],
-        model.num_features,
-        mean,
-        std,
-        size=hp["image_size"],
-    )
-
-
-def feature_extractor(
-    feature: str,
-    checkpoint_path: str | Path | None = None,
-    in_chans: int = 3,
-    backbone: str | None = None,
-    inception_weights: str | Path | None = None,
-) -> ImageFeatures:
-    """`"inception"`, `"classifier"`, `"auto"` (Inception, else `backbone`) or a timm model name; see the
-    module docstring."""
-    if feature == "inception":
-        return inception_features(inception_weights)
-    if feature == "auto":
-        if backbone is None:
-            raise ValueError(
-                "feature='auto' needs `backbone`: the extractor to use when Inception is unavailable"
-            )
-        try:
-            return inception_features(inception_weights)
-        except (WeightsUnavailableError, ModuleNotFoundError) as err:
-            log.warning("feature=auto: Inception unavailable, using %s instead. %s", backbone, err)
-            feature = backbone
-    if feature == "classifier":
-        if checkpoint_path is None:
-            raise ValueError(
-                "feature 'classifier' needs `checkpoint_path`: the classifier's Lightning checkpoint"
-            )
-        return classifier_features(checkpoint_path)
-    return backbone_features(feature, checkpoint_path, in_chans)
-
-
-@torch.no_grad()
-def extract(
-    feature: nn.Module, images: torch.Tensor, batch_size: int = 64, device: str | torch.device | None = None
-) -> torch.Tensor:
-    """Features (N, d) as float64 on the CPU, computed in batches on `device` (CUDA when present)."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    feature.to(device)
-    return torch.cat(
-        [
-            feature(images[i : i + batch_size].to(device)).double().cpu()
-            for i in range(0, len(images), batch_size)
-        ]
-    )
 
 
 def pixel_hashes(images: torch.Tensor) -> list[str]:

@@ -37,29 +37,36 @@ Export (`save_pretrained`), beside the Lightning checkpoints at the end of train
     generator.json          kind "pggan", architecture, class_names, image_size, channels, stage, alpha,
                             iteration, run_id, train_set fingerprint, global_step, git commit
     train_ids.txt           the real item ids the generator learned from (those of `init_from` too)
+
+Over 400 lines, on purpose: the growth schedule, exact resume and fine-tuning all act on the same iteration,
+phase and optimizer state, and read best side by side.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import load_file, save_file
 
-from synaug.generators import export
-from synaug.generators.diffusion import pad_to
-from synaug.generators.diffusion_module import sample_grid
-from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
-from synaug.generators.pggan import (
+from synaug.generators import base
+from synaug.generators.base import Generator as LoadedGenerator
+from synaug.generators.base import (
+    GeneratorMeta,
+    GeneratorModule,
+    module_meta,
+    pad_to,
+    read_export,
+    read_info,
+    write_export,
+)
+from synaug.generators.pggan.network import (
     Discriminator,
     Generator,
     canvas_size,
@@ -69,12 +76,14 @@ from synaug.generators.pggan import (
     sample,
     upsample,
 )
-from synaug.tracking import log_figure
+from synaug.generators.registry import register
 
 log = logging.getLogger(__name__)
 
 
-class ProgressiveGAN(L.LightningModule):
+class ProgressiveGAN(GeneratorModule):
+    kind = "pggan"
+
     def __init__(
         self,
         num_classes: int,
@@ -124,7 +133,7 @@ class ProgressiveGAN(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = export.class_names(num_classes, class_names)
+        class_names = base.class_names(num_classes, class_names)
         canvas = canvas_size(image_size)
         n = num_stages(canvas)
         per_stage(stable, n, "stable"), per_stage(fade, n, "fade")  # wrong lengths fail here, not at fit
@@ -148,8 +157,6 @@ class ProgressiveGAN(L.LightningModule):
             self.resolve_schedule([1.0] * n)
         self.iteration = 0
         self.phase: int | None = None  # the growth phase of the last iteration trained (see `phase`)
-        self.train_ids: list[str] = []
-        self.run_id = ""
 
     # ---- growth schedule ----
     def resolve_schedule(self, iterations_per_unit: list[float]) -> None:
@@ -269,12 +276,6 @@ class ProgressiveGAN(L.LightningModule):
             prog_bar=True,
         )
         self.log_dict({"train/gp": gp, "train/w_dist": d_real.mean() - d_fake.mean()})
-        if (
-            hp.sample_every
-            and self.iteration % hp.sample_every == 0
-            and isinstance(self.logger, MLFlowLogger)
-        ):
-            self._log_samples(self.iteration, stage, alpha)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -293,7 +294,7 @@ class ProgressiveGAN(L.LightningModule):
             raise ValueError(f"batch_sizes {hp.batch_sizes} exceed the data module's batch_size {dm_batch}")
         if hp.init_from and self.trainer.ckpt_path is None:
             self.load_training_state(hp.init_from)
-        record_training_set(self)
+        super().on_fit_start()
         last = self.iteration_at(len(self.stable_steps) - 1, 1.0)
         stage, alpha = self.growth(self.iteration)
         # On the console (Lightning's logger), as an epoch schedule's iterations are known only here.
@@ -305,6 +306,7 @@ class ProgressiveGAN(L.LightningModule):
 
     # ---- checkpoints, fine-tuning, export ----
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         stage, alpha = self.growth(self.iteration)
         checkpoint["pggan"] = dict(
             iteration=self.iteration,
@@ -327,7 +329,7 @@ class ProgressiveGAN(L.LightningModule):
         """Start from another run's checkpoint or export (see `init_from`); called at fit start."""
         path = Path(path)
         if path.is_dir():
-            info = json.loads((path / "generator.json").read_text())
+            info = read_info(path)
             if info.get("kind") != "pggan":
                 raise ValueError(f"{path}: not a PGGAN export (kind {info.get('kind')!r})")
             weights = load_file(path / "generator.safetensors")
@@ -358,18 +360,11 @@ class ProgressiveGAN(L.LightningModule):
             raise FileNotFoundError(f"init_from {path}: expected a PGGAN export folder or a Lightning .ckpt")
         self.iteration = self.iteration_at(stage, alpha)
 
-    @rank_zero_only
-    def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
-
     def ema_generator(self) -> Generator:
         """A copy of the EMA generator on the CPU, set to sample at the current stage and alpha."""
         g = copy.deepcopy(self.generator_ema).cpu().eval()
         g.stage, g.alpha = self.growth(self.iteration)
         return g
-
-    def export_dir(self) -> Path:
-        return export_dir(self)
 
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the EMA generator (safetensors), its metadata and the provenance files into `folder`."""
@@ -377,30 +372,27 @@ class ProgressiveGAN(L.LightningModule):
         folder.mkdir(parents=True, exist_ok=True)
         g = self.ema_generator()
         save_file({k: v.contiguous() for k, v in g.state_dict().items()}, folder / "generator.safetensors")
-        meta = dict(
-            kind="pggan",
+        return write_export(
+            self,
+            folder,
+            [folder / "generator.safetensors"],
             architecture=g.config,
-            class_names=self.class_names,
-            image_size=self.hparams.image_size,
-            channels=self.hparams.in_chans,
             stage=g.stage,
             alpha=g.alpha,
             iteration=self.iteration,
-            **provenance(self, folder),
         )
-        (folder / "generator.json").write_text(json.dumps(meta, indent=2))
-        log.info("exported the EMA generator to %s", folder)
-        return folder
 
-    @rank_zero_only
-    def _log_samples(self, iteration: int, stage: int, alpha: float) -> None:
+    def grid_step(self) -> int:
+        return self.iteration
+
+    def grid_samples(self) -> tuple[torch.Tensor, list[str], str]:
         hp = self.hparams
+        stage, alpha = self.growth(self.iteration - 1)  # of the iteration just trained
         labels = [c for c in range(hp.num_classes) for _ in range(hp.sample_per_class)]
         images = sample(self.generator_ema, labels, 0, image_size=hp.image_size, stage=stage, alpha=alpha)
-        fig = sample_grid(images, self.class_names)
         r = resolution(stage)
-        fig.suptitle(f"EMA samples, iteration {iteration}, stage {stage} ({r}x{r}), alpha {alpha:.2f}")
-        log_figure(self.logger.experiment, self.logger.run_id, fig, f"samples/step_{iteration:07d}.png")
+        title = f"EMA samples, iteration {self.iteration}, stage {stage} ({r}x{r}), alpha {alpha:.2f}"
+        return images, self.class_names, title
 
 
 def per_stage(value: float | list[float], n: int, name: str) -> list[float]:
@@ -427,7 +419,7 @@ def load_state_except_class_embeddings(module: torch.nn.Module, state: dict[str,
 def load_pggan(path: str | Path) -> tuple[Generator, GeneratorMeta]:
     """Load the EMA generator and its metadata from an export folder (primary) or a Lightning `.ckpt`.
 
-    The generator samples at the stage and alpha it was saved at; `GeneratorMeta.noise_schedule` is empty.
+    The generator samples at the stage and alpha it was saved at.
     Both load without unpickling code: safetensors for an export, `weights_only=True` for a checkpoint.
     """
     path = Path(path)
@@ -435,15 +427,48 @@ def load_pggan(path: str | Path) -> tuple[Generator, GeneratorMeta]:
         weights = path / "generator.safetensors"
         if not weights.is_file():
             raise FileNotFoundError(f"{path}: not a PGGAN export (no generator.safetensors)")
-        info = json.loads((path / "generator.json").read_text())
-        g = Generator(**info["architecture"])
+        meta = read_export(path, [weights])
+        g = Generator(**meta.info["architecture"])
         g.load_state_dict(load_file(weights))
-        g.stage, g.alpha = info["stage"], info["alpha"]
-        meta = GeneratorMeta.from_export(path, weights)
+        g.stage, g.alpha = meta.info["stage"], meta.info["alpha"]
     elif path.suffix == ".ckpt":
         module = ProgressiveGAN.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         g = module.ema_generator()
-        meta = GeneratorMeta.from_module(module, path)
+        meta = module_meta(module, path)
     else:
         raise FileNotFoundError(f"{path}: expected a PGGAN export folder or a Lightning .ckpt file")
     return g.requires_grad_(False).eval(), meta
+
+
+class PGGANGenerator(LoadedGenerator):
+    """The EMA generator of an export or checkpoint: one forward pass from the latent (no sampler settings); the
+    latent of image i is `torch.randn` seeded with its seed (`synaug.generators.pggan.network.sample`)."""
+
+    batch_size = 256
+
+    def __init__(self, net: Generator, meta: GeneratorMeta):
+        super().__init__(meta)
+        self.net = net
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, device: torch.device) -> PGGANGenerator:
+        return cls(*load_pggan(checkpoint)).to(device)
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    def sample(self, classes: list[str], seeds: list[int]) -> torch.Tensor:
+        labels = [self.meta.class_names.index(c) for c in classes]
+        return sample(self.net, labels, seeds, image_size=self.meta.image_size)
+
+    def to(self, device: torch.device) -> PGGANGenerator:
+        self.net.to(device)
+        return self
+
+
+register(
+    "pggan",
+    "progressive GAN (Karras et al.), class-conditional, trained on the user's images",
+    module=ProgressiveGAN,
+    load=PGGANGenerator.load,
+)

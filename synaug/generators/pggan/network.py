@@ -16,8 +16,8 @@ score gets <embed(y), phi(x)>. With one class (or data restricted to one) both t
 model is the unconditional PGGAN.
 
 Image sizes: the canvas is the next power of two >= the image size (28 px MedMNIST -> 32). Smaller images
-are reflect-padded, centred, to the canvas for training and `sample` crops the centre back, as the diffusion
-generator does; nothing is resized.
+are reflect-padded, centred, to the canvas for training and `sample` crops the centre back
+(`synaug.generators.base.pad_to`, `crop_to`); nothing is resized.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synaug.generators.diffusion import crop_to
+from synaug.generators.base import crop_to, seed_list
 
 
 def canvas_size(image_size: int) -> int:
@@ -238,9 +238,7 @@ def sample(
     """
     labels = torch.as_tensor(class_labels, dtype=torch.long)
     n = len(labels)
-    seeds = [seeds + i for i in range(n)] if isinstance(seeds, int) else list(seeds)
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} class labels; give one per image")
+    seeds = seed_list(seeds, n)
     k = generator.config["num_classes"]
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < k:
         raise ValueError(f"class labels must lie in [0, {k}); got {labels.tolist()}")

@@ -8,8 +8,7 @@ and the unconditional prediction that classifier-free guidance extrapolates betw
 Image sizes: a UNet with L levels halves the resolution L - 1 times, so its input side must be divisible by
 2^(L-1). An image whose side is not (28 px MedMNIST with the 4-level `base` preset) is reflect-padded, centred,
 to the next multiple (32 px): the UNet trains and samples on that canvas and `sample` crops the centre back to
-the image size. Reflection (not a constant) keeps the image statistics at the crop border, so the kept region
-has no artificial edge next to it. Nothing is resized.
+the image size (`synaug.generators.base.pad_to`, `crop_to`). Nothing is resized.
 """
 
 from __future__ import annotations
@@ -18,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from tqdm.auto import tqdm
+
+from synaug.generators.base import crop_to, seed_list
 
 SamplerName = Literal["ddim", "dpm++"]
 
@@ -91,21 +91,6 @@ def noise_scheduler(
     return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule)
 
 
-def pad_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Reflect-pad a (B, C, s, s) batch, centred, to (B, C, size, size)."""
-    extra = size - x.shape[-1]
-    if extra == 0:
-        return x
-    a, b = extra // 2, extra - extra // 2
-    return F.pad(x, (a, b, a, b), mode="reflect")
-
-
-def crop_to(x: torch.Tensor, size: int) -> torch.Tensor:
-    """The centre (size, size) of a batch padded by `pad_to`."""
-    a = (x.shape[-1] - size) // 2
-    return x[..., a : a + size, a : a + size]
-
-
 def inference_scheduler(
     name: SamplerName, train_schedule: DDPMScheduler | dict
 ) -> DDIMScheduler | DPMSolverMultistepScheduler:
@@ -148,9 +133,7 @@ def sample(
     device = unet.device
     labels = torch.as_tensor(class_labels, dtype=torch.long)
     n = len(labels)
-    seeds = [seeds + i for i in range(n)] if isinstance(seeds, int) else list(seeds)
-    if len(seeds) != n:
-        raise ValueError(f"{len(seeds)} seeds for {n} class labels; give one per image")
+    seeds = seed_list(seeds, n)
     null = null_class(unet)
     if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < null:
         raise ValueError(f"class labels must lie in [0, {null}); got {labels.tolist()}")

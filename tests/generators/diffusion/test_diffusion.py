@@ -5,14 +5,14 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from helpers.toy import toy_data, trainer  # tests/ is on sys.path (pytest rootdir-less import)
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
-from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
-from synaug.generators import ClassConditionalDiffusion, build_unet, load_generator, sample
-from synaug.generators.diffusion import canvas_size
+from synaug.generators.diffusion.module import ClassConditionalDiffusion, load_diffusion
+from synaug.generators.diffusion.network import build_unet, canvas_size, sample
 from synaug.tracking import MLFlowLogger
 
 TINY3 = dict(
@@ -143,7 +143,7 @@ def test_export_at_train_end_holds_the_ema_weights(trained):
     folder = model.export_dir()
     assert folder == Path(t.checkpoint_callback.dirpath).parent / "generator"  # beside the run's checkpoints
     assert folder.parent.name == logger.run_id
-    unet, meta = load_generator(folder)
+    unet, meta = load_diffusion(folder)
     weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert len(weights) == len(model.ema.shadow_params)
     for p, s in zip(unet.parameters(), model.ema.shadow_params, strict=True):
@@ -159,7 +159,7 @@ def test_export_at_train_end_holds_the_ema_weights(trained):
         logger.run_id,
     )
     assert meta.train_ids == []  # plain dataloaders have no datamodule.train_ids
-    assert meta.noise_schedule["beta_schedule"] == "squaredcos_cap_v2"
+    assert meta.info["noise_schedule"]["beta_schedule"] == "squaredcos_cap_v2"
     assert len(meta.checkpoint) == 64
 
 
@@ -184,7 +184,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run(tmp_path):
         assert torch.equal(a, b)
 
     # The Lightning checkpoint is also a loadable generator: its EMA weights, without unpickling code.
-    unet, meta = load_generator(ckpt)
+    unet, meta = load_diffusion(ckpt)
     ema4 = torch.load(ckpt, weights_only=True)["ema"]["shadow_params"]
     for p, s in zip(unet.parameters(), ema4, strict=True):
         assert torch.equal(p, s)

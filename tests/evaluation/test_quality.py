@@ -1,26 +1,23 @@
-"""synaug.generators.quality on tiny tensors: a fixed random projection or a tiny random timm backbone as features."""
+"""synaug.evaluation.quality on tiny tensors: a fixed random projection or a tiny random timm backbone as features."""
 
 import math
-import urllib.error
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import timm
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from helpers.images import blobs, tiny_backbone_file  # tests/ is on sys.path
 from PIL import Image
-from safetensors.torch import save_file
 
 from synaug import tracking
 from synaug.data.images import load_image
 from synaug.data.sources import load_source
 from synaug.data.synthetic import SyntheticWriter
-from synaug.generators import quality as q
-from synaug.models.backbones import WeightsUnavailableError
+from synaug.evaluation import features as feat
+from synaug.evaluation import quality as q
 
 
 class Projection(nn.Module):
@@ -37,14 +34,6 @@ class Projection(nn.Module):
         return x.flatten(1).double() / 255 @ self.w
 
 
-def blobs(n: int, seed: int, size: int = 16, channels: int = 1, level: float = 0.0) -> torch.Tensor:
-    """Smooth random uint8 images: 4x4 random fields upsampled, plus `level` brightness."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, channels, 4, 4, generator=g)
-    x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False) * 200 + 20 + level
-    return x.clamp(0, 255).round().to(torch.uint8)
-
-
 def noisy(x: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (x.float() + sigma * torch.randn(x.shape, generator=g)).clamp(0, 255).round().to(torch.uint8)
@@ -52,8 +41,8 @@ def noisy(x: torch.Tensor, sigma: float, seed: int = 1) -> torch.Tensor:
 
 def test_fid_is_zero_against_itself_and_grows_with_noise():
     feature = Projection(16 * 16)
-    real = q.extract(feature, blobs(64, seed=0))
-    fids = [q.frechet_distance(real, q.extract(feature, noisy(blobs(64, seed=0), s))) for s in (8, 32, 96)]
+    real = feat.extract(feature, blobs(64, seed=0))
+    fids = [q.frechet_distance(real, feat.extract(feature, noisy(blobs(64, seed=0), s))) for s in (8, 32, 96)]
     assert abs(q.frechet_distance(real, real)) < 1e-6 * fids[0]
     assert fids[0] < fids[1] < fids[2]
 
@@ -136,49 +125,6 @@ def test_leakage_flags_a_planted_copy_of_a_test_image():
     assert exact.leaked.tolist() == [True] + [False] * 20 and exact.exact[0]
 
 
-def _tiny_backbone_file(path: Path) -> Path:
-    torch.manual_seed(0)
-    save_file(timm.create_model("test_resnet").state_dict(), path)
-    return path
-
-
-def test_inception_offline_error_names_the_model(monkeypatch, tmp_path):
-    import torch_fidelity.feature_extractor_inceptionv3 as tf
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr(tf, "load_state_dict_from_url", offline)
-    with pytest.raises(WeightsUnavailableError, match=r"Inception-v3 FID weights.*inception_weights"):
-        q.feature_extractor("inception")
-    with pytest.raises(WeightsUnavailableError, match="not found: .*missing.pth"):
-        q.feature_extractor("inception", inception_weights=tmp_path / "missing.pth")
-    with pytest.raises(ValueError, match="needs `backbone`"):
-        q.feature_extractor("auto")
-
-    ckpt = _tiny_backbone_file(tmp_path / "tiny.safetensors")
-    fallback = q.feature_extractor("auto", checkpoint_path=ckpt, backbone="test_resnet", in_chans=1)
-    assert fallback.name.startswith("test_resnet:file:")
-    features = fallback(blobs(2, seed=0))
-    assert features.shape == (2, fallback.num_features)
-
-
-def test_classifier_checkpoint_features_are_its_backbone(tmp_path):
-    from synaug.classifiers.finetune import ImageClassifier
-
-    torch.manual_seed(0)
-    clf = ImageClassifier(backbone="test_resnet", num_classes=2, in_chans=1, image_size=24).eval()
-    torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}, tmp_path / "clf.ckpt")
-    feature = q.feature_extractor("classifier", checkpoint_path=tmp_path / "clf.ckpt")
-
-    images = blobs(3, seed=0, size=24)
-    clf.net.reset_classifier(0)
-    with torch.no_grad():
-        expected = clf(images.float() / 255)  # the classifier's own normalisation, pooled features
-    assert feature.name.startswith("classifier:test_resnet:file:") and feature.in_chans == 1
-    assert torch.allclose(feature(images), expected, atol=1e-5)
-
-
 def test_quality_command_logs_to_mlflow(tmp_path, capsys):
     data = tmp_path / "data"
     for c, level in (("a", 0), ("b", 50)):
@@ -200,7 +146,7 @@ def test_quality_command_logs_to_mlflow(tmp_path, capsys):
         str(tmp_path / "synthetic"),
         feature="test_resnet",
         image_size=32,
-        checkpoint_path=str(_tiny_backbone_file(tmp_path / "tiny.safetensors")),
+        checkpoint_path=str(tiny_backbone_file(tmp_path / "tiny.safetensors")),
         in_chans=1,
         kid_subsets=10,
         experiment="quality-test",

@@ -13,7 +13,8 @@ Export (`save_pretrained`), beside the Lightning checkpoints at the end of train
 
     unet/                 EMA UNet2DModel: config.json + diffusion_pytorch_model.safetensors
     scheduler/            the training DDPMScheduler config
-    generator.json        class_names, image_size, channels, run_id, train_set fingerprint, global_step, git commit
+    generator.json        kind "diffusion", class_names, image_size, channels, run_id, train_set fingerprint,
+                          global_step, git commit (`synaug.generators.base.write_export`)
     train_ids.txt         the real item ids the generator learned from, one a line
 
 Provenance contract: the module records `trainer.datamodule.train_ids` (a list of str: the ids of the real
@@ -22,32 +23,33 @@ images in the training set it is given) at the start of fit; without it the expo
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as L
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
-from torchvision.utils import make_grid
 
-from synaug.generators import export
-from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
-from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
-from synaug.tracking import log_figure
+from synaug.generators import base
+from synaug.generators.base import (
+    Generator,
+    GeneratorMeta,
+    GeneratorModule,
+    module_meta,
+    pad_to,
+    read_export,
+    write_export,
+)
+from synaug.generators.diffusion.network import SamplerName, build_unet, noise_scheduler, null_class, sample
+from synaug.generators.registry import register
 
-log = logging.getLogger(__name__)
 
+class ClassConditionalDiffusion(GeneratorModule):
+    kind = "diffusion"
 
-class ClassConditionalDiffusion(L.LightningModule):
     def __init__(
         self,
         num_classes: int,
@@ -77,7 +79,7 @@ class ClassConditionalDiffusion(L.LightningModule):
         """
         Args:
             num_classes, in_chans, image_size, class_names: from the data module (linked by the CLI).
-            preset: UNet size, see `synaug.generators.diffusion.PRESETS` (`base`: 26.6M parameters).
+            preset: UNet size, see `synaug.generators.diffusion.network.PRESETS` (`base`: 26.6M parameters).
             unet_kwargs: UNet2DModel arguments that replace the preset's (e.g. `block_out_channels`).
             num_train_timesteps, beta_schedule: the DDPM noise schedule.
             p_uncond: probability of training a sample with the null class (classifier-free guidance).
@@ -93,7 +95,7 @@ class ClassConditionalDiffusion(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = export.class_names(num_classes, class_names)
+        class_names = base.class_names(num_classes, class_names)
         if not 0 <= p_uncond < 1:
             raise ValueError(f"p_uncond must lie in [0, 1); got {p_uncond}")
         self.save_hyperparameters()
@@ -110,8 +112,6 @@ class ClassConditionalDiffusion(L.LightningModule):
             power=ema_power,
             foreach=True,
         )
-        self.train_ids: list[str] = []
-        self.run_id = ""
 
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int
@@ -154,28 +154,19 @@ class ClassConditionalDiffusion(L.LightningModule):
         # Here rather than in on_train_batch_end: once per optimizer step, also under gradient accumulation.
         super().optimizer_step(*args, **kwargs)
         self.ema.step(self.unet.parameters())
-        # The EMA's step count, not global_step: Lightning increments that only after this hook returns.
-        every, step = self.hparams.sample_every, self.ema.optimization_step
-        if every and step % every == 0 and isinstance(self.logger, MLFlowLogger):
-            self._log_samples(step)
 
     def on_fit_start(self) -> None:
         self.ema.to(self.device)
-        record_training_set(self)
-
-    @rank_zero_only
-    def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
+        super().on_fit_start()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["ema"] = self.ema.state_dict()
-        checkpoint["generator"] = {"train_ids": self.train_ids, "run_id": self.run_id}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.ema.load_state_dict(checkpoint["ema"])
         self.ema.to(self.device)
-        self.train_ids = checkpoint["generator"]["train_ids"]
-        self.run_id = checkpoint["generator"]["run_id"]
 
     def ema_unet(self) -> UNet2DModel:
         """A copy of the UNet holding the EMA weights, on the CPU."""
@@ -183,27 +174,18 @@ class ClassConditionalDiffusion(L.LightningModule):
         self.ema.copy_to(unet.parameters())
         return unet.eval()
 
-    def export_dir(self) -> Path:
-        return export_dir(self)
-
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write the EMA UNet (safetensors), the noise schedule and the provenance files into `folder`."""
         folder = Path(folder)
         self.ema_unet().save_pretrained(folder / "unet", safe_serialization=True)
         self.noise_scheduler.save_pretrained(folder / "scheduler")
-        meta = dict(
-            kind="diffusion",
-            class_names=self.class_names,
-            image_size=self.hparams.image_size,
-            channels=self.hparams.in_chans,
-            **provenance(self, folder),
-        )
-        (folder / "generator.json").write_text(json.dumps(meta, indent=2))
-        log.info("exported the EMA generator to %s", folder)
-        return folder
+        return write_export(self, folder, [folder / "unet" / "diffusion_pytorch_model.safetensors"])
 
-    @rank_zero_only
-    def _log_samples(self, step: int) -> None:
+    def grid_step(self) -> int:
+        # The EMA's step count: once per optimizer step, also under gradient accumulation.
+        return self.ema.optimization_step
+
+    def grid_samples(self) -> tuple[torch.Tensor, list[str], str]:
         hp = self.hparams
         labels = [c for c in range(hp.num_classes) for _ in range(hp.sample_per_class)]
         self.ema.store(self.unet.parameters())
@@ -219,28 +201,14 @@ class ClassConditionalDiffusion(L.LightningModule):
             train_schedule=self.noise_scheduler,
         )
         self.ema.restore(self.unet.parameters())
-        fig = sample_grid(images, self.class_names)
-        fig.suptitle(
-            f"EMA samples, step {step}, {hp.sample_scheduler} {hp.sample_steps} steps, "
+        title = (
+            f"EMA samples, step {self.grid_step()}, {hp.sample_scheduler} {hp.sample_steps} steps, "
             f"guidance {hp.guidance_scale}"
         )
-        log_figure(self.logger.experiment, self.logger.run_id, fig, f"samples/step_{step:07d}.png")
+        return images, self.class_names, title
 
 
-def sample_grid(images: torch.Tensor, class_names: list[str]) -> plt.Figure:
-    """One row per class of uint8 images (N, C, H, W), N a multiple of the number of classes, in class order."""
-    rows = images.chunk(len(class_names))
-    fig, axes = plt.subplots(len(rows), 1, figsize=(len(rows[0]) * 1.2, len(rows) * 1.3), squeeze=False)
-    for ax, row, name in zip(axes[:, 0], rows, class_names, strict=True):
-        ax.imshow(make_grid(row, nrow=len(row), pad_value=255).permute(1, 2, 0).numpy())
-        ax.set_ylabel(name, rotation=0, ha="right", va="center")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    return fig
-
-
-def load_generator(path: str | Path) -> tuple[UNet2DModel, GeneratorMeta]:
+def load_diffusion(path: str | Path) -> tuple[UNet2DModel, GeneratorMeta]:
     """Load the EMA UNet and its metadata from an export folder (primary) or a Lightning `.ckpt`.
 
     Both load without unpickling code: safetensors for an export, `weights_only=True` for a checkpoint.
@@ -253,11 +221,69 @@ def load_generator(path: str | Path) -> tuple[UNet2DModel, GeneratorMeta]:
                 f"{path}: not a generator export (no unet/diffusion_pytorch_model.safetensors)"
             )
         unet = UNet2DModel.from_pretrained(path / "unet", use_safetensors=True)
-        meta = GeneratorMeta.from_export(path, weights, dict(DDPMScheduler.load_config(path / "scheduler")))
+        meta = read_export(path, [weights])
+        meta.info["noise_schedule"] = dict(DDPMScheduler.load_config(path / "scheduler"))
     elif path.suffix == ".ckpt":
         module = ClassConditionalDiffusion.load_from_checkpoint(path, map_location="cpu", weights_only=True)
         unet = module.ema_unet()
-        meta = GeneratorMeta.from_module(module, path, dict(module.noise_scheduler.config))
+        meta = module_meta(module, path, noise_schedule=dict(module.noise_scheduler.config))
     else:
         raise FileNotFoundError(f"{path}: expected a generator export folder or a Lightning .ckpt file")
     return unet.eval(), meta
+
+
+class DiffusionGenerator(Generator):
+    """The EMA UNet of an export or checkpoint, sampled with DDIM or DPM-Solver++ and classifier-free guidance."""
+
+    batch_size = 256
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        meta: GeneratorMeta,
+        scheduler: SamplerName,
+        steps: int,
+        guidance_scale: float,
+    ):
+        super().__init__(meta)
+        self.unet, self.scheduler, self.steps, self.guidance_scale = unet, scheduler, steps, guidance_scale
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        device: torch.device,
+        scheduler: SamplerName = "ddim",
+        steps: int = 50,
+        guidance_scale: float = 2.0,
+    ) -> DiffusionGenerator:
+        """scheduler, steps: the sampler (`ddim` or `dpm++`) and its number of steps; guidance_scale: the
+        classifier-free guidance weight (1: plain conditional sampling). On CUDA under bf16 autocast."""
+        return cls(*load_diffusion(checkpoint), scheduler, steps, guidance_scale).to(device)
+
+    def settings(self) -> dict[str, Any]:
+        return dict(scheduler=self.scheduler, steps=self.steps, guidance_scale=self.guidance_scale)
+
+    def sample(self, classes: list[str], seeds: list[int]) -> torch.Tensor:
+        return sample(
+            self.unet,
+            [self.meta.class_names.index(c) for c in classes],
+            seeds,
+            scheduler=self.scheduler,
+            steps=self.steps,
+            guidance_scale=self.guidance_scale,
+            image_size=self.meta.image_size,
+            train_schedule=self.meta.info["noise_schedule"],
+        )
+
+    def to(self, device: torch.device) -> DiffusionGenerator:
+        self.unet.to(device)
+        return self
+
+
+register(
+    "diffusion",
+    "class-conditional DDPM trained on the user's images (diffusers UNet2DModel, classifier-free guidance)",
+    module=ClassConditionalDiffusion,
+    load=DiffusionGenerator.load,
+)

@@ -38,77 +38,60 @@ Export (`save_pretrained`, at the end of training into `generator/` beside the c
     pytorch_lora_weights.safetensors    (lora)  unet.* and text_encoder.* LoRA layers with their rank/alpha
     unet/, text_encoder/                (full)  the fine-tuned models (text_encoder only when it trained)
     textual_inversion/<class>/learned_embeds.safetensors    (textual_inversion)  {token: (1, dim) row}
-    dreambooth.json                     base model, method, classes learned and their prompts, resolution,
-                                        run_id, train_set fingerprint, global_step, git commit
+    generator.json                      kind "dreambooth", base model, method, classes learned and their prompts,
+                                        image_size (the resolution), run_id, train_set fingerprint, global_step,
+                                        git commit (`synaug.generators.base`; older exports: dreambooth.json)
     train_ids.txt                       the real item ids the generator learned from, one a line
 
-`load_dreambooth(export)` rebuilds the pipeline; `generate_dreambooth` writes images with provenance.
+`load_dreambooth(export)` rebuilds the pipeline; `synaug generate` samples it (`DreamBoothGenerator`).
 SD 1.x and 2.x (one text encoder, epsilon or v-prediction) take every method; SDXL takes LoRA (its UNet, and with
 `train_text_encoder` both text encoders), conditioned as its pipeline conditions it: the penultimate hidden states
 of both text encoders side by side, the second's pooled embedding, and the size/crop time ids of an uncropped
 `resolution` image.
+
+Over 400 lines, on purpose: the three methods and the two model families share one data path, prior
+preservation, precision handling, checkpoint filtering and export; a file per method would repeat them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning.pytorch as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.utilities import rank_zero_only
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 from safetensors.torch import save_file
-from torch import nn
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel
 
 from synaug.cache import cache_dir, key_hash
 from synaug.data.images import IMAGE_EXTENSIONS, load_image
-from synaug.data.synthetic import SyntheticWriter, claim_folder
-from synaug.generators import export
-from synaug.generators.diffusion import SamplerName, inference_scheduler
-from synaug.generators.diffusion_module import sample_grid
-from synaug.generators.export import export_dir, provenance, record_training_set
-from synaug.generators.generate import image_seed
-from synaug.generators.stable_diffusion import SD15, files_digest, load_pipeline, pick_device
-from synaug.tracking import log_figure
+from synaug.data.synthetic import image_seed
+from synaug.generators import base
+from synaug.generators.base import Generator, GeneratorMeta, GeneratorModule, read_export, write_export
+from synaug.generators.diffusion.network import SamplerName, inference_scheduler
+from synaug.generators.registry import register
+from synaug.generators.stable_diffusion.pipeline import SD15, load_pipeline
+from synaug.generators.stable_diffusion.textual_inversion import add_tokens
 
 log = logging.getLogger(__name__)
 Method = Literal["lora", "full", "textual_inversion"]
 GENERATION_BATCH = 8  # images per pipeline call for class images and validation grids
 
 
-class TokenEmbedding(nn.Module):
-    """A token embedding with rows appended for new tokens: only `new` is a trainable parameter.
+class DreamBooth(GeneratorModule):
+    kind = "dreambooth"
+    grid_every_hparam = "validation_every"
+    grid_folder = "validation"
 
-    Ids below `base.num_embeddings` read the frozen base table, the others `new`, so no optimizer state, weight
-    decay or checkpoint ever touches the base vocabulary.
-    """
-
-    def __init__(self, base: nn.Embedding, new: torch.Tensor):
-        super().__init__()
-        self.base = base
-        self.new = nn.Parameter(new)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        n = self.base.num_embeddings
-        old = self.base(ids.clamp(max=n - 1))
-        return torch.where((ids >= n)[..., None], self.new[(ids - n).clamp(min=0)].to(old.dtype), old)
-
-
-class DreamBooth(L.LightningModule):
     def __init__(
         self,
         num_classes: int,
@@ -177,7 +160,7 @@ class DreamBooth(L.LightningModule):
                 the Lightning checkpoints folder).
         """
         super().__init__()
-        class_names = export.class_names(num_classes, class_names)
+        class_names = base.class_names(num_classes, class_names)
         ti = method == "textual_inversion"
         if ti and (prior_preservation or train_text_encoder):
             raise ValueError(
@@ -228,7 +211,7 @@ class DreamBooth(L.LightningModule):
             self.unet.requires_grad_(True)
             self.text_encoder.requires_grad_(train_text_encoder)
         else:
-            self._add_tokens([identifiers[c] for c in class_names], noun)
+            add_tokens(self.tokenizer, self.text_encoder, [identifiers[c] for c in class_names], noun)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if train_text_encoder:
@@ -250,27 +233,9 @@ class DreamBooth(L.LightningModule):
         )
         self.classes = classes or class_names
         self.register_buffer("learns", torch.ones(num_classes, dtype=torch.bool), persistent=False)
-        self.train_ids: list[str] = []
-        self.run_id = ""
         # The checkpoint holds only the trained parameters; the frozen rest comes from `model` (on_load_checkpoint
         # checks that exactly the trained ones are there).
         self.strict_loading = False
-
-    def _add_tokens(self, tokens: list[str], noun: str) -> None:
-        taken = [t for t in tokens if t in self.tokenizer.get_vocab()]
-        if taken:
-            raise ValueError(f"textual inversion needs new tokens; {taken} are already in the vocabulary")
-        base = self.text_encoder.get_input_embeddings()
-        if base.num_embeddings != len(self.tokenizer):
-            raise ValueError(
-                f"the text encoder has {base.num_embeddings} embeddings for {len(self.tokenizer)} tokens"
-            )
-        self.tokenizer.add_tokens(tokens)
-        # New rows start at the mean embedding of the noun's tokens, as textual inversion starts from a
-        # related word.
-        ids = self.tokenizer(noun, add_special_tokens=False).input_ids
-        init = base.weight[ids].mean(0).detach().float()
-        self.text_encoder.set_input_embeddings(TokenEmbedding(base, init.repeat(len(tokens), 1)))
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids (N, L); under SDXL both tokenizers' side by side (N, 2L), which `encode` splits again,
@@ -382,13 +347,6 @@ class DreamBooth(L.LightningModule):
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # global_step counts this step only once the hook returns.
-        every, step = self.hparams.validation_every, self.global_step + 1
-        if every and step % every == 0 and isinstance(self.logger, MLFlowLogger):
-            self._log_validation(step)
-
     def setup(self, stage: str) -> None:
         # Before Lightning restores a checkpoint's weights: class images come from the base model.
         if stage != "fit":
@@ -406,24 +364,14 @@ class DreamBooth(L.LightningModule):
         if self.hparams.prior_preservation:
             self.class_pixels = self.class_images().to(self.device)
 
-    def on_fit_start(self) -> None:
-        record_training_set(self)
-
-    @rank_zero_only
-    def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
-
     def trained_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         keep = set(self.trained_names())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
-        checkpoint["generator"] = {
-            "train_ids": self.train_ids,
-            "run_id": self.run_id,
-            "classes": self.classes,
-        }
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["generator"]["classes"] = self.classes
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         have, want = set(checkpoint["state_dict"]), set(self.trained_names())
@@ -432,8 +380,8 @@ class DreamBooth(L.LightningModule):
                 f"the checkpoint's weights do not match this {self.hparams.method} model's trained parameters: "
                 f"missing {sorted(want - have)[:5]}, unexpected {sorted(have - want)[:5]}"
             )
-        g = checkpoint["generator"]
-        self.train_ids, self.run_id, self.classes = g["train_ids"], g["run_id"], g["classes"]
+        super().on_load_checkpoint(checkpoint)
+        self.classes = checkpoint["generator"]["classes"]
 
     # ---- sampling ----
     def pipeline(
@@ -501,8 +449,7 @@ class DreamBooth(L.LightningModule):
         files = have()[: hp.num_class_images]
         return torch.from_numpy(np.stack([load_image(p, hp.resolution, 3) for p in files]))
 
-    @rank_zero_only
-    def _log_validation(self, step: int) -> None:
+    def grid_samples(self) -> tuple[torch.Tensor, list[str], str]:
         hp = self.hparams
         n = hp.validation_per_class
         images = self.sample(
@@ -510,16 +457,13 @@ class DreamBooth(L.LightningModule):
             list(range(n)) * len(self.classes),
             hp.validation_steps,
         )
-        fig = sample_grid(images, self.classes)
-        fig.suptitle(
-            f"{hp.method}, step {step}, DPM-Solver++ {hp.validation_steps} steps, guidance {hp.guidance_scale}"
+        title = (
+            f"{hp.method}, step {self.global_step}, DPM-Solver++ {hp.validation_steps} steps, "
+            f"guidance {hp.guidance_scale}"
         )
-        log_figure(self.logger.experiment, self.logger.run_id, fig, f"validation/step_{step:07d}.png")
+        return images, self.classes, title
 
     # ---- export ----
-    def export_dir(self) -> Path:
-        return export_dir(self)
-
     def save_pretrained(self, folder: str | Path) -> Path:
         """Write what trained (never the base model) and the provenance files into `folder`."""
         hp, folder = self.hparams, Path(folder)
@@ -554,20 +498,16 @@ class DreamBooth(L.LightningModule):
                 row = rows[self.class_names.index(c)]
                 save_file({token: row[None].detach().float().cpu().contiguous()}, f)
                 weights.append(f)
-        meta = dict(
+        return write_export(
+            self,
+            folder,
+            weights,
+            image_size=hp.resolution,  # the side it samples at, not the training data's
             model=hp.model,
             method=hp.method,
-            class_names=self.class_names,
             classes=self.classes,
             prompts={c: self.prompts[c] for c in self.classes},
-            resolution=hp.resolution,
-            channels=hp.in_chans,
-            **provenance(self, folder),
-            weights=[w.relative_to(folder).as_posix() for w in weights],
         )
-        (folder / "dreambooth.json").write_text(json.dumps(meta, indent=2))
-        log.info("exported the %s weights to %s", hp.method, folder)
-        return folder
 
 
 def torch_to_pil(image: torch.Tensor) -> Image.Image:
@@ -605,31 +545,18 @@ def sample_pipeline(
     return torch.cat(out)
 
 
-@dataclass
-class DreamBoothMeta:
-    model: str  # the base checkpoint
-    method: str
-    class_names: list[str]
-    classes: list[str]  # the classes learned
-    prompts: dict[str, str]  # class -> instance prompt
-    resolution: int
-    channels: int  # the training data's: 1 (grey) or 3
-    run_id: str
-    train_ids: list[str]
-    checkpoint: str  # sha256 of the trained weights file (of the files' digests when several)
-
-
 def load_dreambooth(
     folder: str | Path, model: str | None = None, dtype: torch.dtype | None = None
-) -> tuple[StableDiffusionPipeline, DreamBoothMeta]:
+) -> tuple[StableDiffusionPipeline, GeneratorMeta]:
     """The base pipeline with an export's weights applied, and the export's metadata.
 
     model: the base checkpoint (default: the one the export was trained from, e.g. a local copy of it).
     """
     folder = Path(folder)
-    if not (folder / "dreambooth.json").is_file():
-        raise FileNotFoundError(f"{folder}: not a DreamBooth / textual inversion export (no dreambooth.json)")
-    info = json.loads((folder / "dreambooth.json").read_text())
+    meta = read_export(folder)  # also an export from before the one schema (dreambooth.json)
+    if meta.kind != "dreambooth":
+        raise ValueError(f"{folder}: a {meta.kind!r} export, not a DreamBooth / textual inversion one")
+    info = meta.info
     components = {}
     if info["method"] == "full":
         components["unet"] = UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)
@@ -641,100 +568,84 @@ def load_dreambooth(
     elif info["method"] == "textual_inversion":
         for c in info["classes"]:
             pipe.load_textual_inversion(folder / "textual_inversion" / c)
-    ids = (folder / "train_ids.txt").read_text()
-    meta = DreamBoothMeta(
-        model=info["model"],
-        method=info["method"],
-        class_names=info["class_names"],
-        classes=info["classes"],
-        prompts=info["prompts"],
-        resolution=info["resolution"],
-        channels=info["channels"],
-        run_id=info["run_id"],
-        train_ids=ids.split("\n") if ids else [],
-        checkpoint=files_digest([folder / w for w in info["weights"]]),
-    )
     return pipe, meta
 
 
 GENERATOR_NAMES = {"lora": "sd-lora", "full": "sd-dreambooth", "textual_inversion": "sd-textual-inversion"}
 
 
-def generate_dreambooth(
-    checkpoint: str,
-    out: str,
-    per_class: int | dict[str, int] = 100,
-    classes: list[str] | None = None,
-    scheduler: SamplerName = "dpm++",
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    negative_prompt: str | None = None,
-    channels: Literal[1, 3] | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    device: str = "auto",
-    model: str | None = None,
-) -> Path:
-    """Generate `per_class` images of each learned class from a DreamBooth / LoRA / textual inversion export.
+class DreamBoothGenerator(Generator):
+    """An export's pipeline, sampling each learned class from its instance prompt: image k of class c from the
+    CPU noise of its seed, at the export's resolution; written grey (the luma) or RGB."""
 
-    Images go through SyntheticWriter (generator `sd-lora`, `sd-dreambooth` or `sd-textual-inversion`) with the
-    training run, the sha256 of the trained weights, the per-image seed and the real images trained on; a rerun
-    resumes. Image k of class c starts from the CPU noise of `image_seed(seed, c, k)`, at the export's
-    resolution, with the class's instance prompt; `channels` 1 writes the luma of the RGB output, 3 the RGB
-    output (default: the channels of the data the export trained on).
-    `model` replaces the base checkpoint recorded in the export (e.g. a local copy of the same model).
-    """
-    dev = pick_device(device)
-    pipe, meta = load_dreambooth(checkpoint, model, torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    pipe.to(dev)
-    pipe.scheduler = inference_scheduler(scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    if isinstance(per_class, dict):
-        if classes is not None:
-            raise ValueError("give `classes` with an int `per_class`, or a `per_class` mapping alone")
-        counts = dict(per_class)
-    else:
-        counts = {c: per_class for c in (classes or meta.classes)}
-    unknown = sorted(set(counts) - set(meta.classes))
-    if unknown:
-        raise ValueError(f"class(es) {unknown} were not learned by this export; it learned {meta.classes}")
-    channels = channels or meta.channels
-    out = Path(out)
-    name = GENERATOR_NAMES[meta.method]
-    claim_folder(
-        out,
-        dict(
-            generator=name,
-            checkpoint=meta.checkpoint,
-            model=model or meta.model,
+    batch_size = GENERATION_BATCH
+
+    def __init__(self, pipe, meta: GeneratorMeta, settings: dict[str, Any]):
+        super().__init__(meta)
+        self.pipe, self.options = pipe, settings
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        device: torch.device,
+        scheduler: SamplerName = "dpm++",
+        steps: int = 30,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | None = None,
+        channels: Literal[1, 3] | None = None,
+        model: str | None = None,
+    ) -> DreamBoothGenerator:
+        """scheduler, steps, guidance_scale, negative_prompt: the sampler; channels: 1 writes the luma of the RGB
+        output, 3 the RGB output (default: the channels of the data the export trained on); model: replaces the
+        base checkpoint recorded in the export (e.g. a local copy of it). In bf16 on CUDA."""
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        pipe, meta = load_dreambooth(checkpoint, model, dtype)
+        pipe.scheduler = inference_scheduler(scheduler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        settings = dict(
+            model=model or meta.info["model"],
             scheduler=scheduler,
             steps=steps,
             guidance_scale=guidance_scale,
             negative_prompt=negative_prompt,
-            channels=channels,
-            seed=seed,
-        ),
-    )
-    writer = SyntheticWriter(
-        out, generator=name, run_id=meta.run_id, checkpoint=meta.checkpoint, train_ids=meta.train_ids
-    )
-    done = writer.done()
-    todo = [(c, k) for c, n in counts.items() for k in range(n) if (c, k) not in done]
-    with tqdm(total=len(todo), desc=f"generating into {out}", unit="img") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            seeds = [image_seed(seed, c, k) for c, k in batch]
-            images = sample_pipeline(
-                pipe,
-                [meta.prompts[c] for c, _ in batch],
-                seeds,
-                steps,
-                guidance_scale,
-                meta.resolution,
-                negative_prompt,
-                batch_size,
-            )
-            for (c, k), s, image in zip(batch, seeds, images, strict=True):
-                writer.write(torch_to_pil(image).convert("L" if channels == 1 else "RGB"), c, k, s)
-            bar.update(len(batch))
-    return out
+            channels=channels or meta.channels,
+        )
+        return cls(pipe.to(device), meta, settings)
+
+    @property
+    def name(self) -> str:
+        return GENERATOR_NAMES[self.meta.info["method"]]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta.info["classes"]
+
+    def settings(self) -> dict[str, Any]:
+        return dict(self.options)
+
+    def to(self, device: torch.device) -> DreamBoothGenerator:
+        self.pipe.to(device)
+        return self
+
+    def sample(self, classes: list[str], seeds: list[int]) -> list[Image.Image]:
+        o = self.options
+        images = sample_pipeline(
+            self.pipe,
+            [self.meta.info["prompts"][c] for c in classes],
+            seeds,
+            o["steps"],
+            o["guidance_scale"],
+            self.meta.image_size,
+            o["negative_prompt"],
+            len(classes),
+        )
+        return [torch_to_pil(x).convert("L" if o["channels"] == 1 else "RGB") for x in images]
+
+
+register(
+    "dreambooth",
+    "Stable Diffusion fine-tuned on the user's images: DreamBooth (LoRA or full) or textual inversion",
+    module=DreamBooth,
+    load=DreamBoothGenerator.load,
+)

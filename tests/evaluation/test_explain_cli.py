@@ -16,13 +16,14 @@ from safetensors.torch import save_file
 
 from synaug import notebooks, tracking
 from synaug.classifiers import ImageClassifier
+from synaug.classifiers.finetune import load_classifier
 from synaug.cli import main
 from synaug.data import load_source
-from synaug.explain import explain, explain_checkpoint, load_classifier, resolve_method
+from synaug.evaluation.explain import explain, explain_checkpoint, resolve_method
 from synaug.models.backbones import create_backbone
 
 CLASSES = ["malignant", "normal_benign"]
-EXAMPLE = Path(__file__).resolve().parents[1] / "configs" / "explain" / "example.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "configs" / "explain" / "example.yaml"
 
 
 @pytest.fixture(autouse=True, scope="module")

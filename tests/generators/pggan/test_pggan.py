@@ -11,20 +11,21 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.toy import toy_data, trainer  # tests/ is on sys.path (pytest rootdir-less import)
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, TensorDataset
-from toy import toy_data, trainer  # tests/generators/ is on sys.path (pytest rootdir-less import)
 
-import synaug.generators.generate as gen_module
+import synaug.generators.pggan.module as pggan_module
 from synaug.cli import SynAugCLI, main
 from synaug.data import ClassificationData
-from synaug.data.synthetic import read_synthetic, train_set_fingerprint
-from synaug.generators.export import sha256
-from synaug.generators.generate import generate, image_seed
-from synaug.generators.pggan import (
+from synaug.data.synthetic import image_seed, read_synthetic, train_set_fingerprint
+from synaug.generators.base import sha256
+from synaug.generators.generate import generate
+from synaug.generators.pggan.module import ProgressiveGAN, load_pggan
+from synaug.generators.pggan.network import (
     Discriminator,
     EqualizedConv2d,
     EqualizedLinear,
@@ -34,10 +35,9 @@ from synaug.generators.pggan import (
     sample,
     upsample,
 )
-from synaug.generators.pggan_module import ProgressiveGAN, load_pggan
 from synaug.tracking import MLFlowLogger
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "generators"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs" / "generators"
 TINY = dict(latent_dim=16, channel_base=64, max_channels=16)  # 16, 8, 4 feature maps at 4, 8, 16 px
 
 
@@ -415,7 +415,7 @@ def test_generate_from_a_pggan_export_and_checkpoint(trained, tmp_path, monkeypa
         made.extend(seeds)
         return sample(net, labels, seeds, **kw)
 
-    monkeypatch.setattr(gen_module, "pggan_sample", counting)
+    monkeypatch.setattr(pggan_module, "sample", counting)
     generate(str(folder), str(out), per_class=3, **settings)
     assert made == [image_seed(0, "b", 1)] and len(pd.read_csv(out / "manifest.csv")) == 6
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from synaug.explain import (
+from synaug.evaluation.explain import (
     LogOddsTarget,
     compare_real_synthetic,
     gradcam,

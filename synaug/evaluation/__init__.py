@@ -1,0 +1,1 @@
+"""Judging synthetic images: `features` (the one feature extractor), `quality`, `explain` (Grad-CAM)."""

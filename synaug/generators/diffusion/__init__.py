@@ -1,0 +1,1 @@
+"""Class-conditional DDPM: `network` (the UNet and sampling), `module` (training for `synaug fit`)."""

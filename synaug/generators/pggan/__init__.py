@@ -1,0 +1,1 @@
+"""Progressive GAN: `network` (generator, critic, sampling), `module` (training for `synaug fit`)."""
