@@ -41,7 +41,7 @@ from synaug.data import ClassificationData
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS
 from synaug.data.synthetic import read_synthetic
-from synaug.models.backbones import normalization
+from synaug.models.backbones import input_channels, normalization
 from synaug.models.basic_cnn import BasicCNN
 from synaug.tracking import log_figure
 
@@ -339,10 +339,14 @@ def load_classifier(checkpoint: str | Path, weights_only: bool = True) -> ImageC
     hp = ckpt["hyper_parameters"]
     init = inspect.signature(ImageClassifier).parameters  # LightningCLI adds keys such as `_class_path`
     kwargs = {k: v for k, v in hp.items() if k in init}
-    model = ImageClassifier(**kwargs | {"pretrained": False, "checkpoint_path": None, "compile": False})
+    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    # Pretrained RGB weights kept their RGB stem for grey images (see `input_channels`).
+    net = {"pretrained": False, "checkpoint_path": None, "compile": False}
+    net["in_chans"] = input_channels(pretrained, hp["in_chans"])
+    model = ImageClassifier(**kwargs | net)
     # A compiled net was saved under `_orig_mod.`.
     model.load_state_dict({k.replace("net._orig_mod.", "net."): v for k, v in ckpt["state_dict"].items()})
-    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    model.hparams.in_chans = hp["in_chans"]  # the data's channels, as trained
     model.mean, model.std = normalization(model.net, pretrained, hp["in_chans"])
     return model.eval()
 

