@@ -76,7 +76,9 @@ def test_features_are_cached_on_disk(breast, monkeypatch):
     model = FeatureClassifier("ffnn", backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28)
     original = FeatureClassifier._extract
     monkeypatch.setattr(
-        FeatureClassifier, "_extract", lambda self, x: calls.append(len(x)) or original(self, x)
+        FeatureClassifier,
+        "_extract",
+        lambda self, dm, rows: calls.append(len(rows)) or original(self, dm, rows),
     )
     trainer = _trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(model, datamodule=breast)
