@@ -34,12 +34,12 @@ class FeatureClassifier(Classifier):
     def __init__(
         self,
         head: Literal["ffnn", "svc", "logreg"] = "ffnn",
-        backbone: str = "efficientnet_b0",
+        backbone: str = "efficientnet_lite0",
         num_classes: int = 2,
         in_chans: int = 3,
         image_size: int = 128,
         class_names: list[str] | None = None,
-        pretrained: bool = False,
+        pretrained: bool = True,
         checkpoint_path: str | None = None,
         hidden: list[int] | None = None,
         l2: float = 0.02,
@@ -52,19 +52,21 @@ class FeatureClassifier(Classifier):
         max_iter: int = 300,
         standardize: bool = True,
         feature_batch_size: int = 128,
-        seed: int | None = None,
+        head_seed: int | None = None,
     ):
         """
         Args:
             head: `ffnn` (hidden ReLU layers, L2 penalty `l2`, Adam `lr`; epochs and early stopping come from
                 the trainer config), `svc` (RBF, `svc_c`, `svc_gamma`, `svc_tol`, Platt-scaled probabilities) or
                 `logreg` (elastic-net, saga, `logreg_c`, `l1_ratio`, `max_iter`).
-            backbone, pretrained, checkpoint_path: the frozen feature extractor (timm name). Random weights are
-                drawn from a fixed seed so that their features, and the cache, are reproducible.
+            backbone, pretrained, checkpoint_path: the frozen feature extractor (timm name). The default,
+                ImageNet EfficientNet-Lite0, ships in a package and works offline; other pretrained backbones
+                need `checkpoint_path`. Random weights (`pretrained: false`) are drawn from a fixed seed so that
+                their features, and the cache, are reproducible.
             hidden: FFNN hidden widths, default 4 x 256 as in thesis 1.
             standardize: scale features to zero mean and unit variance before the scikit-learn heads (saga and
                 the RBF kernel both assume comparable feature scales).
-            seed: the heads' randomness: the FFNN's initial weights, saga's sampling order, the shuffled folds
+            head_seed: the heads' randomness: the FFNN's initial weights, saga's sampling order, the shuffled folds
                 of the SVC's Platt calibration. Default: drawn from the global RNG, which the run's
                 `seed_everything` seeds, so that seeds of a grid differ and a seed repeats.
         """
@@ -105,9 +107,9 @@ class FeatureClassifier(Classifier):
                 self.ffnn = nn.Sequential(*layers, nn.Linear(dims[-1], h.num_classes))
 
     def _seed(self) -> int:
-        if self.hparams.seed is None:
-            self.hparams.seed = int(torch.randint(2**31 - 1, ()))  # recorded, so a checkpoint names it
-        return self.hparams.seed
+        if self.hparams.head_seed is None:
+            self.hparams.head_seed = int(torch.randint(2**31 - 1, ()))  # recorded, so a checkpoint names it
+        return self.hparams.head_seed
 
     @torch.no_grad()
     def _extract(self, dm, rows: np.ndarray) -> torch.Tensor:

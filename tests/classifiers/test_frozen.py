@@ -28,7 +28,15 @@ def _data(breast_npz, **kw):
 
 def _head(head, seed=None, **kw):
     return FeatureClassifier(
-        head, backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28, seed=seed, max_iter=50, **kw
+        head,
+        backbone="basic_cnn",
+        pretrained=False,
+        num_classes=2,
+        in_chans=1,
+        image_size=28,
+        head_seed=seed,
+        max_iter=50,
+        **kw,
     )
 
 
