@@ -59,3 +59,24 @@ def test_every_backbone_user_gets_the_packaged_weights_offline():
     assert quality.name == wid and torch.equal(quality.model.conv_stem.weight, ref)
     head = FeatureClassifier("logreg")  # the frozen-feature heads' default
     assert (head.hparams.backbone, head.hparams.pretrained) == ("efficientnet_lite0", True)
+
+
+@torch.no_grad()
+def test_a_pretrained_grey_classifier_is_rebuilt_with_its_rgb_stem(tmp_path):
+    from synaug.classifiers import ImageClassifier
+    from synaug.explain import load_classifier
+    from synaug.generators.quality import feature_extractor
+
+    clf = ImageClassifier(
+        "efficientnet_lite0", num_classes=2, in_chans=1, image_size=32, pretrained=True
+    ).eval()
+    path = tmp_path / "clf.ckpt"
+    torch.save({"state_dict": clf.state_dict(), "hyper_parameters": dict(clf.hparams)}, path)
+    x = torch.rand(2, 1, 32, 32)
+    loaded = load_classifier(path)  # Grad-CAM's route
+    assert loaded.hparams.in_chans == 1 and torch.allclose(loaded(x), clf(x), atol=1e-5)
+    features = feature_extractor("classifier", checkpoint_path=path)  # synaug quality's route
+    clf.net.reset_classifier(0)
+    assert torch.allclose(
+        features((x * 255).to(torch.uint8)), clf((x * 255).to(torch.uint8) / 255), atol=1e-4
+    )
