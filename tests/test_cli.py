@@ -95,6 +95,8 @@ def test_svc_fit_then_test_from_its_checkpoint(breast_npz, tmp_path, monkeypatch
         *_small(breast_npz),
         "--model.init_args.backbone",
         "basic_cnn",
+        "--model.init_args.pretrained",
+        "false",
         "--trainer.logger.init_args.experiment_name",
         "cli-svc",
     ]

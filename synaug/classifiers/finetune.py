@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 from synaug.classifiers.base import Classifier
-from synaug.models.backbones import create_backbone, normalization
+from synaug.models.backbones import create_backbone, input_channels, normalization
 
 
 class ImageClassifier(Classifier):
@@ -97,9 +97,13 @@ def load_classifier(checkpoint: str | Path) -> ImageClassifier:
         )
     init = inspect.signature(ImageClassifier).parameters  # LightningCLI adds keys such as `_class_path`
     kwargs = {k: v for k, v in hp.items() if k in init}
-    model = ImageClassifier(**kwargs | {"pretrained": False, "checkpoint_path": None, "compile": False})
+    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    # Pretrained RGB weights kept their RGB stem for grey images (see `input_channels`).
+    net = {"pretrained": False, "checkpoint_path": None, "compile": False}
+    net["in_chans"] = input_channels(pretrained, hp["in_chans"])
+    model = ImageClassifier(**kwargs | net)
     # A compiled net was saved under `_orig_mod.`.
     model.load_state_dict({k.replace("net._orig_mod.", "net."): v for k, v in ckpt["state_dict"].items()})
-    pretrained = bool(hp.get("pretrained") or hp.get("checkpoint_path"))
+    model.hparams.in_chans = hp["in_chans"]  # the data's channels, as trained
     model.mean, model.std = normalization(model.net, pretrained, hp["in_chans"])
     return model.eval()

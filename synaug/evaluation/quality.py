@@ -316,10 +316,10 @@ def quality(
     data: str,
     synthetic: str,
     reference_split: str = "test",
-    feature: str = "inception",
+    feature: str = "auto",
     checkpoint_path: str | None = None,
     image_size: int = 128,
-    backbone: str | None = None,
+    backbone: str | None = "efficientnet_lite0",
     inception_weights: str | None = None,
     in_chans: int = 3,
     k: int = 3,
@@ -345,7 +345,8 @@ def quality(
         checkpoint_path: for `classifier`, the classifier's Lightning checkpoint; for a timm name, local
             timm-format weights (without it the hub weights; offline, from the local hub cache only).
         image_size: real and synthetic images are decoded at this square size.
-        backbone: what `feature: auto` falls back to: `classifier` or a timm model name.
+        backbone: what `feature: auto` falls back to: `classifier` or a timm model name; by default ImageNet
+            EfficientNet-Lite0, whose weights ship in a package (a pretrained space on any machine).
         inception_weights: local Inception-v3 FID weights file (torch-fidelity's weights-inception-*.pth).
         in_chans: input channels of the backbone (1 for a classifier trained on grey images).
         k: neighbours for the k-NN precision/recall radii.

@@ -36,7 +36,7 @@ MANIFEST_COLUMNS = ["id", "path", "class", "label", "cluster", "rank", "similari
 def sample(
     data: str,
     out: str,
-    embedder: str = "efficientnet_b0",
+    embedder: str = "efficientnet_lite0",
     pretrained: bool | str = True,
     checkpoint_path: str | None = None,
     k: int | dict[str, int] = 5,
@@ -66,9 +66,10 @@ def sample(
     Args:
         data: image folder, MedMNIST .npz or CSV manifest (see `synaug.data.sources.load_source`).
         out: folder for the manifests (and copies); must be new or empty.
-        embedder: a timm model name (pooled features, e.g. `efficientnet_b0`) or `open_clip:<arch>` (e.g.
-            `open_clip:ViT-B-32`).
-        pretrained: timm: `true` for the hub weights timm knows for the name; OpenCLIP: a tag (e.g.
+        embedder: a timm model name (pooled features, e.g. `efficientnet_lite0`, whose ImageNet weights ship
+            in a package and work offline) or `open_clip:<arch>` (e.g. `open_clip:ViT-B-32`).
+        pretrained: timm: `true` for the packaged weights (`efficientnet_lite0`), else the hub weights timm
+            knows for the name; OpenCLIP: a tag (e.g.
             `laion2b_s34b_b79k`). `false`: random weights (for tests: the clusters then mean little). Nothing
             can be downloaded offline: use `checkpoint_path`.
         checkpoint_path: a local weight file: timm format (`model.safetensors`) for timm, or

@@ -49,7 +49,13 @@ def test_two_epochs_on_breastmnist_lower_the_training_loss(breast):
 def test_feature_heads_fit_test_and_survive_a_checkpoint(head, breast, tmp_path):
     L.seed_everything(0)
     model = FeatureClassifier(
-        head, backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28, class_names=breast.class_names
+        head,
+        backbone="basic_cnn",
+        pretrained=False,
+        num_classes=2,
+        in_chans=1,
+        image_size=28,
+        class_names=breast.class_names,
     )
     trainer = _trainer(max_epochs=3 if head == "ffnn" else 1)
     trainer.fit(model, datamodule=breast)
@@ -58,7 +64,13 @@ def test_feature_heads_fit_test_and_survive_a_checkpoint(head, breast, tmp_path)
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)
     fresh = FeatureClassifier(
-        head, backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28, class_names=breast.class_names
+        head,
+        backbone="basic_cnn",
+        pretrained=False,
+        num_classes=2,
+        in_chans=1,
+        image_size=28,
+        class_names=breast.class_names,
     )
     again = _trainer().test(fresh, datamodule=breast, ckpt_path=str(ckpt), weights_only=True, verbose=False)[
         0
@@ -73,15 +85,21 @@ def test_feature_heads_fit_test_and_survive_a_checkpoint(head, breast, tmp_path)
 
 def test_features_are_cached_on_disk(breast, monkeypatch):
     calls = []
-    model = FeatureClassifier("ffnn", backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28)
+    model = FeatureClassifier(
+        "ffnn", backbone="basic_cnn", pretrained=False, num_classes=2, in_chans=1, image_size=28
+    )
     original = FeatureClassifier._extract
     monkeypatch.setattr(
-        FeatureClassifier, "_extract", lambda self, x: calls.append(len(x)) or original(self, x)
+        FeatureClassifier,
+        "_extract",
+        lambda self, dm, rows: calls.append(len(rows)) or original(self, dm, rows),
     )
     trainer = _trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1)
     trainer.fit(model, datamodule=breast)
     n = len(calls)
-    other = FeatureClassifier("logreg", backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28)
+    other = FeatureClassifier(
+        "logreg", backbone="basic_cnn", pretrained=False, num_classes=2, in_chans=1, image_size=28
+    )
     _trainer(max_epochs=1, limit_val_batches=1).fit(other, datamodule=breast)
     assert len(calls) == n  # same images, backbone and weights: no second extraction
     assert torch.equal(model.features, other.features)
@@ -89,7 +107,9 @@ def test_features_are_cached_on_disk(breast, monkeypatch):
 
 def test_feature_classifier_refuses_augmentation(breast_npz):
     dm = ClassificationData(str(breast_npz), image_size=28, policy="hflip")
-    model = FeatureClassifier("svc", backbone="basic_cnn", num_classes=2, in_chans=1, image_size=28)
+    model = FeatureClassifier(
+        "svc", backbone="basic_cnn", pretrained=False, num_classes=2, in_chans=1, image_size=28
+    )
     with pytest.raises(ValueError, match="data.policy is 'hflip'"):
         _trainer(max_epochs=1).fit(model, datamodule=dm)
 
@@ -107,7 +127,9 @@ def test_local_checkpoint_loads_and_adapts_to_grey(tmp_path):
     model = ImageClassifier(
         "resnet18", num_classes=4, in_chans=1, checkpoint_path=str(tmp_path / "r18.safetensors")
     )
-    # timm sums the RGB filters for one input channel; the body is the file's
-    assert torch.allclose(model.net.conv1.weight, ref.conv1.weight.sum(1, keepdim=True))
+    # pretrained RGB weights keep their stem: grey images are repeated to it, normalised per channel
+    assert torch.equal(model.net.conv1.weight, ref.conv1.weight)
     assert torch.equal(model.net.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
     assert model.net.fc.out_features == 4
+    assert model(torch.rand(2, 1, 32, 32)).shape == (2, 4)
+    assert model.mean.shape == (1, 3, 1, 1)
