@@ -455,6 +455,7 @@ def write_report(
     folder: str | Path,
     minority_metric: str | None = None,
     main_metric: str = MAIN_METRIC,
+    margin: float = MARGIN,
 ) -> dict[str, Path]:
     """Write `summary.csv`, `comparison.csv` and `report.md` (the `markdown_table`) into `folder`."""
     folder = Path(folder)
@@ -466,7 +467,9 @@ def write_report(
     }
     summary.to_csv(paths["summary"], index=False)
     comparison.to_csv(paths["comparison"], index=False)
-    paths["table"].write_text(markdown_table(summary, comparison, minority_metric, main_metric))
+    paths["table"].write_text(
+        markdown_table(summary, comparison, minority_metric, main_metric, margin=margin)
+    )
     return paths
 
 

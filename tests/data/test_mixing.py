@@ -133,3 +133,19 @@ def test_validation_and_test_stay_real_in_the_datamodule(tmp_path, breast_npz):
         [b[2].numpy() for b in dm.val_dataloader()] + [b[2].numpy() for b in dm.test_dataloader()]
     )
     assert not t.loc[rows, "synthetic"].any()
+
+
+def test_the_medical_policy_never_inverts_an_image():
+    # ImageNet AutoAugment inverts, solarises and posterises: brains came out inverted. `medical` keeps the
+    # intensities' meaning: every output correlates positively with its input.
+    import torch
+
+    from synaug.data.transforms import policy_transform
+
+    y, x = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    image = ((((x - 32) ** 2 + (y - 32) ** 2) < 400) * 200 + 20).to(torch.uint8)[None]
+    medical, imagenet = policy_transform("medical"), policy_transform("autoaugment")
+    corr = lambda a: torch.corrcoef(torch.stack([a.float().ravel(), image.float().ravel()]))[0, 1]  # noqa: E731
+    torch.manual_seed(0)
+    assert min(corr(medical(image)) for _ in range(200)) > 0.5
+    assert min(corr(imagenet(image)) for _ in range(200)) < 0  # the ImageNet policy does invert
