@@ -20,7 +20,7 @@ def test_brain_mri_cross_split_duplicates_are_found(brain_root, tmp_path):
     m = pd.read_csv(clean)
     assert len(m) == 7019 - 216 and (m["split"] == "test").sum() == 1311 - 216
     # the clean manifest is a source: no test image left with a train twin
-    dm = ClassificationData(str(clean), data_root=str(brain_root), drop_test_twins=False, image_size=32)
+    dm = ClassificationData(str(clean), data_root=str(brain_root), drop_test_twins="none", image_size=32)
     items = dm.source.items
     train = set(items.loc[items["split"].isin(["train", "val"]), "sha256"])
     assert not items.loc[items["split"] == "test", "sha256"].isin(train).any()
