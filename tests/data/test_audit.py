@@ -71,5 +71,6 @@ def test_near_duplicate_groups_do_not_chain(tmp_path):
         folder = tmp_path / "d" / ("a" if i % 2 else "b")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(strip[:, 2 * i : 2 * i + 64]).save(folder / f"s{i:02d}.png")
-    near = audit(str(tmp_path / "d"), near_threshold=46)["near_duplicates"]
-    assert near["groups"] >= 10 and near["files_in_groups"] <= 40
+    # 62 bits: every neighbour pair is within it, so the threshold graph is one connected chain of 40
+    near = audit(str(tmp_path / "d"), near_threshold=62)["near_duplicates"]
+    assert near["groups"] >= 10 and near["files_in_groups"] <= 4 * near["groups"]
