@@ -169,7 +169,7 @@ def test_real_subsets_are_nested_and_per_class():
 
 def test_a_learned_export_that_records_no_training_set_is_refused(tmp_path):
     w = SyntheticWriter(tmp_path / "syn", "diffusion", "run0", checkpoint="ab" * 32)  # no train_ids
-    for c, cls in enumerate(CLASSES):
+    for cls in CLASSES:
         for i in range(10):
             w.write(np.full((1, 4, 4), i, np.uint8), cls, i, seed=i)
     syn = read_synthetic(tmp_path / "syn", CLASSES)
