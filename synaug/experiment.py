@@ -286,13 +286,18 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def prepare(cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of) -> dict[str, str]:
+def prepare(
+    cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of
+) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
     """Before anything trains: make the `transform` folders the grid needs, then plan every (cell, real subset)
     as its runs will. A synthetic source whose generator learned from images outside the cell's real subset (or
     from validation/test images), too few synthetic images, or an unknown class name fail now, not hours in.
-    Returns each classifier's real data fingerprint (its files' content, its splits)."""
+    Returns each classifier's real data fingerprint (its files' content, its splits), and each (cell, subset
+    seed)'s independent unit: a hash of its real training subset. Subset seeds that draw the same subset (every
+    one of them at real_fraction 1) are one unit, not several."""
     modules: dict[str, ClassificationData] = {}  # one per real source: loading it hashes every file
     fingerprints: dict[str, str] = {}
+    units: dict[tuple[str, int], str] = {}
     made = set()
     subsets = sorted({subset_of(s) for s in range(seeds)})
     for cell in cells:
@@ -316,8 +321,12 @@ def prepare(cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of) 
                         dm.source, ts.real, folder, counts, cell.source.transform, dm.image_size, dm.channels
                     )
                     made.add(folder)
-            dm.training_set(**settings)
-    return fingerprints
+            _, ts = dm.training_set(**settings)
+            ids = "\n".join(sorted(dm.items["id"].to_numpy()[ts.real]))
+            units[(cell.name, s)] = hashlib.sha256(
+                f"{fingerprints[cell.classifier]}\n{ids}".encode()
+            ).hexdigest()[:12]
+    return fingerprints, units
 
 
 def folder_fingerprint(folder: str) -> str:
@@ -437,7 +446,7 @@ def collect(
     runs: list[Run], cells: list[Cell], metric: str, x_metric: str, wanted: dict[tuple[str, str], str]
 ) -> tuple[pd.DataFrame, dict]:
     """The long results table (test metrics of the complete seed runs of these cells, in grid order, with the
-    `unit` each seed belongs to: its real subset) and each cell's `x_metric` (real training images, the same for
+    `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
     every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
     only runs of the current config, data and synthetic images, are read."""
     order = {c.name: i for i, c in enumerate(cells)}
@@ -452,7 +461,7 @@ def collect(
         if x_metric not in run.data.metrics:
             known = sorted(k for k in run.data.metrics if k.startswith("data/real_kept/"))
             raise ValueError(f"runs log no {x_metric}; per-class counts are {known}")
-        unit = int(run.data.tags["subset_seed"])
+        unit = run.data.tags.get("unit", run.data.tags["subset_seed"])
         rows += [(cell, int(seed), k, v, unit) for k, v in run.data.metrics.items() if k.startswith("test/")]
         x.setdefault(cell, run.data.metrics[x_metric])
     results = pd.DataFrame(rows, columns=[*stats.RESULT_COLUMNS, "unit"])
@@ -696,7 +705,9 @@ def experiment(
     # Instantiate each classifier x policy once before anything trains: a typo fails now, not hours in.
     for clf, policy in dict.fromkeys((c.classifier, c.policy) for c in cells):
         SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)
-    fingerprints = prepare(cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of)
+    fingerprints, units = prepare(
+        cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
+    )
 
     parent = find_or_create(
         client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
@@ -753,6 +764,7 @@ def experiment(
                 "experiment": name,
                 "seed": str(seed),
                 "subset_seed": str(subset_of(seed)),
+                "unit": units[(cell.name, subset_of(seed))],
                 "config_hash": key,
                 "mlflow.parentRunId": cell_runs[cell.name],
             }

@@ -96,7 +96,7 @@ def experiment_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
             "cell": r.data.tags["cell"],
             "seed": int(r.data.tags["seed"]),
             # the independent unit: the real subset (and its generator) the seed trained on
-            "unit": int(r.data.tags.get("subset_seed", r.data.tags["seed"])),
+            "unit": r.data.tags.get("unit", r.data.tags.get("subset_seed", r.data.tags["seed"])),
             **{t: r.data.tags[t] for t in CELL_TAGS if t in r.data.tags},
             **{m: v for m, v in r.data.metrics.items() if m.startswith("test/")},
         }

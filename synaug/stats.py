@@ -284,7 +284,7 @@ def compare(
     for metric in metrics:
         rows_m = results[results["metric"] == metric]
         by_seed = rows_m.pivot(index="seed", columns="cell", values="value")
-        unit_of = rows_m.groupby("seed")["unit"].first()
+        unit_of = rows_m.pivot(index="seed", columns="cell", values="unit")
         sign = 1.0 if higher_is_better(metric) else -1.0
         rows = []
         for cell, baseline in pairs:
@@ -293,7 +293,12 @@ def compare(
             both = by_seed[[cell, baseline]].dropna()  # aligned by seed
             if both.empty:
                 raise ValueError(f"{cell!r} and its baseline {baseline!r} share no seed with {metric!r}")
-            per_unit = both.groupby(unit_of.loc[both.index].to_numpy()).mean()
+            units_of = unit_of.loc[both.index, [cell, baseline]]
+            if (units_of[cell] != units_of[baseline]).any():
+                raise ValueError(
+                    f"{cell!r} and {baseline!r} put one seed in different units: they cannot pair"
+                )
+            per_unit = both.groupby(units_of[cell].to_numpy()).mean()
             differences = (per_unit[cell] - per_unit[baseline]).to_numpy()
             units, distinct = differences.size, effective(differences)
             note = refusal(units, distinct, min_units)

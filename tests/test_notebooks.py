@@ -190,6 +190,6 @@ def test_runs_of_an_experiment_whose_name_holds_a_quote(tmp_path):
         client.set_terminated(run)
     runs = notebooks.experiment_runs('surgeon\'s "grid"', uri)
     assert runs["cell"].tolist() == ["cnn/it's/none", "cnn/it's/none", "plain"]
-    assert runs["unit"].tolist() == [0, 0, 0]
+    assert runs["unit"].tolist() == ["0", "0", "0"]
     results, _ = notebooks.results_table(runs)
     assert set(results.columns) == {"cell", "seed", "unit", "metric", "value"}
