@@ -441,7 +441,8 @@ def markdown_table(
         f"P(improve): share of units where the cell beats its baseline [bootstrap CI]; verdict against a margin "
         f"of ±{margin:g} (better/worse: the CI excludes 0; equivalent: the CI lies within the margin; otherwise "
         f"inconclusive); p: two-sided Wilcoxon signed-rank test over units, Holm-adjusted across the "
-        f"{int(main_rows['p'].notna().sum())} comparisons tested on {main_metric}. Every CI and p is "
+        f"{int(main_rows['p'].notna().sum())} comparisons tested on {main_metric} (CIs and verdicts are per "
+        f"comparison, not adjusted: read a verdict whose Holm p is large as suggestive). Every CI and p is "
         f"conditional on the one test set and on one generator training per subset: it says nothing about "
         f"another test set or another training of the generators.\n"
     )

@@ -352,7 +352,14 @@ def test_rerun_retrains_a_changed_config_and_reads_only_the_requested_seeds(
     experiment(**grid_args | {"seeds": 1, "out": str(out), "classifiers": lr})
     after = seed_runs(client, exp_id)
     for pair in [(BASELINE, 0), (AUGMENTED, 0)]:
-        old = [r for r in after[pair] if r.info.run_id in before[pair]]
+        old = [
+            r
+            for r in after[pair]
+            if r.info.run_id in before[pair]
+            and r.info.status == "FINISHED"
+            and "test/f1_macro" in r.data.metrics
+        ]
+        assert old  # the finished runs of the old config: kept, tagged stale, never read
         (new,) = [r for r in after[pair] if r.info.run_id not in before[pair]]
         assert all(r.data.tags["stale"] == "true" for r in old)
         assert new.data.tags["config_hash"] != old[-1].data.tags["config_hash"]
