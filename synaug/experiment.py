@@ -21,9 +21,15 @@ MLflow (experiment `name`): one parent run (tag level=experiment), one child per
 per seed (level=seed); every run carries the tags experiment, cell, classifier, policy, real, real_fraction,
 real_count, generator, ratio, augment_classes (and seed, subset_seed), so `tags.generator = 'diffusion'` and the
 like filter them. Running the same command again skips the (cell, seed) pairs whose run FINISHED with test
-metrics; any other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the
-pair is trained again, so a report only ever reads complete runs. Two processes must not run one experiment at
-the same time (use `workers` instead).
+metrics under the same `config_hash` (the resolved config, the real data fingerprint, the synthetic folders'
+contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
+other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the pair is
+trained again, so a report only ever reads complete, current runs, and only the seeds the config asks for. Two
+processes must not run one experiment at the same time (use `workers` instead).
+
+Inference is per independent unit (`unit` tag: a hash of the seed's real training subset; see `synaug.stats`).
+With `controls`, every synthetic source under test gets, per ratio, a count-matched `duplicate-real` and a
+`transform-medical` control cell from the same real subsets, and the report says which of them each arm beats.
 
 The report (`out`, also logged to the parent run under `report/`): results.csv (one row per cell, seed, metric),
 summary.csv (median, mean and bootstrap CI per cell and metric), comparison.csv (paired differences to the
@@ -36,6 +42,7 @@ synthetic setting is worth (learning_curve.csv, worth.csv).
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import re
@@ -81,6 +88,7 @@ class Synthetic:
             transforms of the run's own real subset, as many as the largest ratio asks for): a source for
             trying a grid end to end, and a baseline a learned generator has to beat; tagged generator=<name>
             as any other, so name it for what it is (e.g. `transform-autoaugment`).
+        control: this source is a control arm that the experiment adds (see `CONTROLS`), not one under test.
     """
 
     folders: list[str]
@@ -88,6 +96,7 @@ class Synthetic:
     augment_classes: list[str] | None = None
     replace_prob: float = 0.0
     transform: Policy | None = None
+    control: bool = False  # a control arm (added by the experiment), not a source under test
 
     def most(self, classes: list[str]) -> dict[str, float]:
         """The largest ratio each augmented class gets over `ratios`."""
@@ -125,6 +134,25 @@ class Cell:
         if self.source is None:
             return None
         return Cell(self.classifier, self.policy, self.real_fraction, self.real_count)
+
+    @property
+    def is_control(self) -> bool:
+        return self.source is not None and self.source.control
+
+    def controls(self, cells: list[Cell]) -> list[Cell]:
+        """The control cells of this (tested, augmented) cell: same classifier, policy, real data, augmented
+        classes and ratio."""
+        if self.source is None or self.is_control:
+            return []
+        classes = self.source.augment_classes
+        return [
+            c
+            for c in cells
+            if c.is_control
+            and (c.classifier, c.policy, c.real, label(c.ratio))
+            == (self.classifier, self.policy, self.real, label(self.ratio))
+            and (c.source.augment_classes or None) == (classes or None)
+        ]
 
     @property
     def ratio_value(self) -> float:
@@ -167,10 +195,37 @@ class Cell:
 
 
 def label(value: float | dict | None) -> str:
-    """A compact label: 0.25 -> `0.25`, {glioma: 1.0} -> `glioma:1`."""
+    """A compact label that tells any two values apart: 0.25 -> `0.25`, 0.1234 -> `0.1234` (not rounded: two
+    ratios must never share a cell name), {glioma: 1.0} -> `glioma:1`."""
     if isinstance(value, dict):
         return "+".join(f"{k}:{label(v)}" for k, v in value.items())
-    return f"{value:.3g}"
+    return np.format_float_positional(float(value), trim="-")
+
+
+# control arms of every synthetic source under test, at the same count of added images per class, made from the
+# same real subset (name -> the `transform` policy that makes them): duplicated real images (plain copies: what
+# the added count alone does), and the conventional-transform source under a policy that keeps a medical image's
+# meaning. A synthetic source that beats neither has shown nothing beyond more copies of the real data.
+CONTROLS: dict[str, Policy] = {"duplicate-real": "none", "transform-medical": "medical"}
+
+
+def control_sources(synthetic: dict[str, Synthetic], controls_dir: str | None) -> dict[str, Synthetic]:
+    """The control sources for the sources under test: one per control, over the union of their ratios (sources
+    augmenting different classes each get their own, named after the classes)."""
+    tested = {g: s for g, s in synthetic.items() if not s.control}
+    if controls_dir is None or not tested:
+        return {}
+    groups: dict[tuple, list] = {}
+    for source in tested.values():
+        ratios = groups.setdefault(tuple(source.augment_classes or ()), [])
+        ratios += [r for r in source.ratios if r not in ratios]
+    out = {}
+    for classes, ratios in groups.items():
+        for name, policy in CONTROLS.items():
+            gen = name if len(groups) == 1 else f"{name}-{'+'.join(classes) or 'all'}"
+            folder = f"{controls_dir}/{gen}/real{{real}}-subset{{subset_seed}}"
+            out[gen] = Synthetic([folder], ratios, list(classes) or None, transform=policy, control=True)
+    return out
 
 
 def merge(a: dict, b: dict) -> dict:
@@ -237,16 +292,24 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def prepare(cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of) -> None:
+def prepare(
+    cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of
+) -> tuple[dict[str, str], dict[tuple[str, int], str]]:
     """Before anything trains: make the `transform` folders the grid needs, then plan every (cell, real subset)
     as its runs will. A synthetic source whose generator learned from images outside the cell's real subset (or
-    from validation/test images), too few synthetic images, or an unknown class name fail now, not hours in."""
+    from validation/test images), too few synthetic images, or an unknown class name fail now, not hours in.
+    Returns each classifier's real data fingerprint (its files' content, its splits), and each (cell, subset
+    seed)'s independent unit: a hash of its real training subset. Subset seeds that draw the same subset (every
+    one of them at real_fraction 1) are one unit, not several."""
     modules: dict[str, ClassificationData] = {}  # one per real source: loading it hashes every file
+    fingerprints: dict[str, str] = {}
+    units: dict[tuple[str, int], str] = {}
     made = set()
     subsets = sorted({subset_of(s) for s in range(seeds)})
     for cell in cells:
         data = {k: v for k, v in configs[cell.classifier].get("data", {}).items() if k not in MIXING_KEYS}
         dm = modules.setdefault(yaml.safe_dump(data), ClassificationData(**data))
+        fingerprints[cell.classifier] = dm.source.fingerprint
         for s in subsets:
             settings = {k: v for k, v in cell.data(s, s).items() if k in MIXING_KEYS}
             if cell.source is not None and cell.source.transform:
@@ -264,18 +327,44 @@ def prepare(cells: list[Cell], configs: dict[str, dict], seeds: int, subset_of) 
                         dm.source, ts.real, folder, counts, cell.source.transform, dm.image_size, dm.channels
                     )
                     made.add(folder)
-            dm.training_set(**settings)
+            _, ts = dm.training_set(**settings)
+            ids = "\n".join(sorted(dm.items["id"].to_numpy()[ts.real]))
+            units[(cell.name, s)] = hashlib.sha256(
+                f"{fingerprints[cell.classifier]}\n{ids}".encode()
+            ).hexdigest()[:12]
+    return fingerprints, units
+
+
+def folder_fingerprint(folder: str) -> str:
+    """sha256 over a synthetic folder's files (names and bytes): a regenerated or edited folder is a new one."""
+    root, h = Path(folder), hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def run_hash(config: dict, data: str, synthetic: list[str]) -> str:
+    """What decides a (cell, seed) run's result: its config (without the logger), its real data fingerprint and
+    its synthetic folders' fingerprints. A finished run is reused only when this matches."""
+    config = merge(config, {})
+    config.get("trainer", {}).pop("logger", None)
+    payload = yaml.safe_dump({"config": config, "data": data, "synthetic": synthetic}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def search(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list[Run]:
-    """Every active run of the experiment with these tag values, oldest first, across result pages."""
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    """Every active run of the experiment with these tag values, oldest first, across result pages.
+
+    MLflow's filter language has no escape for a quote inside a string, so a value holding a quote or a
+    backslash (a cell or experiment named `it's`) is not written into the filter: it is matched here."""
+    exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in exact.items())
     runs, token = [], None
     while True:
         page = client.search_runs(
             [experiment_id], query, max_results=5000, order_by=["attributes.start_time ASC"], page_token=token
         )
-        runs += page
+        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
         token = page.token
         if not token:
             return runs
@@ -302,9 +391,13 @@ def grid(
     real_fractions: list[float | dict[str, float]] | None = None,
     real_counts: list[dict[str, int]] | None = None,
     synthetic: dict[str, Synthetic] | None = None,
+    controls_dir: str | None = None,
 ) -> list[Cell]:
     """Every cell of the grid (arguments as `experiment`'s), baselines first within each (classifier, policy,
-    real data). An axis left out takes each classifier's configured value; an axis given must not be set there."""
+    real data). An axis left out takes each classifier's configured value; an axis given must not be set there.
+    With `controls_dir`, every ratio of the sources under test also gets its control cells (`CONTROLS`), their
+    folders made under `controls_dir`."""
+    synthetic = dict(synthetic or {}) | control_sources(synthetic or {}, controls_dir)
     grid_keys: tuple[str, ...] = ("policy",) if policies is not None else ()
     reals = None
     if real_fractions is not None or real_counts is not None:
@@ -318,7 +411,7 @@ def grid(
         for policy in policies or [data.get("policy", "none")]:
             for fraction, count in reals or [(data.get("real_fraction", 1.0), data.get("real_count"))]:
                 cells.append(Cell(clf, policy, fraction, count))
-                for gen, source in (synthetic or {}).items():
+                for gen, source in synthetic.items():
                     cells += [Cell(clf, policy, fraction, count, gen, r, source) for r in source.ratios]
     names = [c.name for c in cells]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -355,25 +448,29 @@ def run_all(
             raise
 
 
-def collect(runs: list[Run], cells: list[Cell], metric: str, x_metric: str) -> tuple[pd.DataFrame, dict]:
-    """The long results table (test metrics of the complete seed runs of these cells, in grid order) and each
-    cell's `x_metric` (real training images, the same for every seed of a cell)."""
+def collect(
+    runs: list[Run], cells: list[Cell], metric: str, x_metric: str, wanted: dict[tuple[str, str], str]
+) -> tuple[pd.DataFrame, dict]:
+    """The long results table (test metrics of the complete seed runs of these cells, in grid order, with the
+    `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
+    every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
+    only runs of the current config, data and synthetic images, are read."""
     order = {c.name: i for i, c in enumerate(cells)}
-    rows, x = [], {}
+    rows, x, seen = [], {}, set()
     for run in runs:
-        cell = run.data.tags["cell"]
-        if cell not in order or not complete(run, metric):
+        cell, seed = run.data.tags["cell"], run.data.tags["seed"]
+        if cell not in order or not complete(run, metric) or (cell, seed) in seen:
             continue
+        if wanted.get((cell, seed)) != run.data.tags.get("config_hash"):
+            continue
+        seen.add((cell, seed))
         if x_metric not in run.data.metrics:
             known = sorted(k for k in run.data.metrics if k.startswith("data/real_kept/"))
             raise ValueError(f"runs log no {x_metric}; per-class counts are {known}")
-        rows += [
-            (cell, int(run.data.tags["seed"]), k, v)
-            for k, v in run.data.metrics.items()
-            if k.startswith("test/")
-        ]
+        unit = run.data.tags.get("unit", run.data.tags["subset_seed"])
+        rows += [(cell, int(seed), k, v, unit) for k, v in run.data.metrics.items() if k.startswith("test/")]
         x.setdefault(cell, run.data.metrics[x_metric])
-    results = pd.DataFrame(rows, columns=stats.RESULT_COLUMNS)
+    results = pd.DataFrame(rows, columns=[*stats.RESULT_COLUMNS, "unit"])
     results = results.sort_values(
         ["cell", "seed", "metric"], key=lambda s: s.map(order) if s.name == "cell" else s
     )
@@ -387,24 +484,32 @@ def report(
     metric: str = stats.MAIN_METRIC,
     minority_metric: str | None = None,
     x: str = "real_per_class",
+    margin: float = stats.MARGIN,
+    min_units: int = stats.MIN_UNITS,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Write the tables and figures of an experiment into `folder`; returns the summary, comparison and table.
 
-    `results`: one row per (cell, seed, metric); `cells`: indexed by cell, with the columns classifier, policy,
-    real, generator, ratio (a number, nan when classes differ), synthetic (a label), baseline ('' for baselines)
-    and `x` (real training images, for learning curves).
+    `results`: one row per (cell, seed, metric), optionally with the seed's `unit` (its real subset);
+    `cells`: indexed by cell, with the columns classifier, policy, real, generator, ratio (a number, nan when
+    classes differ), synthetic (a label), baseline ('' for baselines), optionally controls (the cell's control
+    cells, `;`-separated) and `x` (real training images, for learning curves).
     """
     folder.mkdir(parents=True, exist_ok=True)
     plots = folder / "plots"
     plots.mkdir(exist_ok=True)
-    summary = stats.summarize(results)
+    summary = stats.summarize(results, min_units=min_units)
     baselines = {c: b for c, b in cells["baseline"].items() if b}
+    pairs = list(baselines.items())
+    if "controls" in cells:
+        pairs += [
+            (c, k) for c, ks in cells["controls"].items() if isinstance(ks, str) for k in ks.split(";") if k
+        ]
     comparison = (
-        stats.compare(results, baselines)
-        if baselines
+        stats.compare(results, pairs, min_units=min_units, margin=margin)
+        if pairs
         else pd.DataFrame(columns=[*COMPARISON_COLUMNS, "p_holm"])
     )
-    paths = stats.write_report(summary, comparison, folder, minority_metric, metric)
+    paths = stats.write_report(summary, comparison, folder, minority_metric, metric, margin)
     results.to_csv(folder / "results.csv", index=False)
     cells.to_csv(folder / "cells.csv")
 
@@ -451,7 +556,12 @@ def report(
         fig.axes[0].set_title(f"learning curve: {clf}, policy {policy}")
         fig.savefig(plots / f"learning_curve_{slug(clf)}_{slug(policy)}.png")
         real_curve = {row[x]: values(c) for c, row in real_only.iterrows()}
+        against = comparison[comparison["metric"] == metric].drop_duplicates("cell").set_index("cell")
         for c, row in group[group["generator"] != "none"].iterrows():
+            if c not in against.index or not stats.distinguishable(against.loc[c]):
+                # a worth read off a difference that may be zero is a number made of noise
+                worth.append({"cell": c, x: row[x], "flag": "not distinguishable"})
+                continue
             w = stats.synthetic_worth(real_curve, values(c), row[x], higher_is_better=higher_is_better)
             worth.append(
                 {
@@ -465,6 +575,9 @@ def report(
                 | {"frac_above": w.frac_above, "frac_below": w.frac_below}
             )
     table = paths["table"].read_text()
+    if "controls" in cells and (cells["controls"].fillna("") != "").any():
+        table += controls_table(comparison, cells, metric, margin)
+        paths["table"].write_text(table)
     if curves:
         pd.concat(curves, ignore_index=True).to_csv(folder / "learning_curve.csv", index=False)
         worth = pd.DataFrame(worth)
@@ -482,13 +595,53 @@ def worth_table(worth: pd.DataFrame, x: str, metric: str) -> str:
     ]
     for row in worth.itertuples(index=False):
         d = row._asdict()
+        if d["flag"] == "not distinguishable":
+            lines.append(f"| {d['cell']} | {d[x]:.4g} | not distinguishable | — |")
+            continue
         lines.append(
             f"| {d['cell']} | {d[x]:.4g} | {d['n_equivalent']:.4g} [{d['ci_low']:.4g}, {d['ci_high']:.4g}] "
             f"| {d['extra_real']:+.1f} |"
         )
     note = (
         "\nThe number of real images per class at which the real-only learning curve (isotonic, interpolated in "
-        "log n) reaches the augmented result; inf: beyond the largest real set measured, nan: below the smallest.\n"
+        "log n) reaches the augmented result; inf: beyond the largest real set measured, nan: below the smallest. "
+        "Only where the difference to the baseline is distinguishable from zero (its CI excludes 0); otherwise "
+        '"not distinguishable": no worth can be read off a difference that may be none.\n'
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def controls_table(comparison: pd.DataFrame, cells: pd.DataFrame, metric: str, margin: float) -> str:
+    """Per synthetic arm (generator and ratio): its comparisons with its baseline and its controls, paired by
+    unit, and which of them it beats."""
+    rows = comparison[comparison["metric"] == metric].set_index(["cell", "baseline"])
+    lines = [
+        f"\n### Against the baseline and the controls ({metric})\n",
+        "| configuration | against | Δ [CI] | P(improve) [CI] | verdict | p (Holm) | MDE | smallest p | beats |",
+        "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
+    ]
+    for cell, row in cells.iterrows():
+        controls = [k for k in (row.get("controls") or "").split(";") if k]
+        if not controls:
+            continue
+        refs = [row["baseline"], *controls]
+        beaten = [r for r in refs if rows.loc[(cell, r), "verdict"] == "better"]
+        beats = ", ".join(cells.loc[r, "synthetic"] if r != row["baseline"] else "baseline" for r in beaten)
+        for r in refs:
+            d = rows.loc[(cell, r)]
+            name = "baseline" if r == row["baseline"] else cells.loc[r, "synthetic"]
+            lines.append(
+                f"| {cell} | {name} | {stats._interval(d['median_diff'], d['ci_low'], d['ci_high'], 3, '+')} "
+                f"| {stats._interval(d['p_improve'], d['p_improve_low'], d['p_improve_high'], 2)} | {d['verdict']} "
+                f"| {stats.format_p(d['p_holm'])} | {d['mde']:.3f} | {d['p_min']:.3g} | {beats or 'none'} |"
+            )
+    note = (
+        "\nControls, at the same number of added images per class from the same real subset: duplicate-real "
+        "(copies of the subset's own real images) and transform-medical (conventional transforms of them, no "
+        "inversion or posterisation). A synthetic source that beats neither shows nothing beyond more real "
+        f"copies. Verdict margin ±{margin:g}; MDE: the smallest mean difference the units could detect "
+        "(α 0.05, power 0.8; inf: the test cannot reach p < 0.05 with this many units); smallest p: the lowest "
+        "p-value the Wilcoxon test can give at this number of units.\n"
     )
     return "\n".join(lines) + "\n" + note
 
@@ -514,6 +667,9 @@ def experiment(
     keep_checkpoints: bool = False,
     out: str | None = None,
     tracking: str | None = None,
+    controls: bool = True,
+    margin: float = stats.MARGIN,
+    min_units: int = stats.MIN_UNITS,
 ) -> str:
     """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
 
@@ -538,9 +694,15 @@ def experiment(
         keep_checkpoints: keep each run's best checkpoint (default: deleted once tested).
         out: the report folder (default `outputs/experiments/<name>`).
         tracking: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
+        controls: compare every synthetic source under test, paired by unit, with its count-matched controls
+            (`CONTROLS`: duplicated real images, and conventional transforms that keep a medical image's
+            meaning), made per real subset under `outputs/synthetic/<name>/controls`.
+        margin: the practical-equivalence margin of the verdicts, in units of the metric (0.01: one point).
+        min_units: no CI or p-value from fewer effective replicates (independent units with distinct results).
     """
     synthetic = synthetic or {}
-    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic)
+    controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
+    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic, controls_dir)
     subset_of = (lambda s: s) if subset_seeds is None else (lambda s: s % subset_seeds)
 
     uri = tracking_uri(tracking)
@@ -549,7 +711,9 @@ def experiment(
     # Instantiate each classifier x policy once before anything trains: a typo fails now, not hours in.
     for clf, policy in dict.fromkeys((c.classifier, c.policy) for c in cells):
         SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)
-    prepare(cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of)
+    fingerprints, units = prepare(
+        cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
+    )
 
     parent = find_or_create(
         client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
@@ -564,13 +728,17 @@ def experiment(
         synthetic={k: asdict(v) for k, v in synthetic.items()},
         seeds=seeds,
         subset_seeds=subset_seeds,
+        controls=controls,
+        margin=margin,
+        min_units=min_units,
     )
     client.log_text(parent, yaml.safe_dump(settings, sort_keys=False), "experiment.yaml")
 
     pairs: dict[tuple[str, str], list[Run]] = {}
     for run in search(client, exp_id, {"level": "seed", "experiment": name}):
         pairs.setdefault((run.data.tags["cell"], run.data.tags["seed"]), []).append(run)
-    cell_runs, jobs = {}, []
+    cell_runs, jobs, wanted, stale = {}, [], {}, 0
+    folders: dict[str, str] = {}  # synthetic folder -> fingerprint
     for cell in cells:
         cell_runs[cell.name] = find_or_create(
             client,
@@ -581,23 +749,36 @@ def experiment(
         )
         config = merge(base, classifiers[cell.classifier])
         for seed in range(seeds):
+            data = cell.data(seed, subset_of(seed))
+            run = run_config(config, data, seed, name, uri)
+            synthetic_fps = [
+                folders.setdefault(f, folder_fingerprint(f)) for f in data.get("synthetic") or []
+            ]
+            key = run_hash(run, fingerprints[cell.classifier], synthetic_fps)
+            wanted[(cell.name, str(seed))] = key
             previous = pairs.get((cell.name, str(seed)), [])
-            if any(complete(r, metric) for r in previous):
+            if any(complete(r, metric) and r.data.tags.get("config_hash") == key for r in previous):
                 continue
-            for r in previous:  # killed or failed before its test metrics: superseded by a fresh run
-                if r.info.status != "KILLED":
+            for r in previous:
+                if complete(r, metric):  # another config, data or synthetic folder: kept, never read
+                    stale += r.data.tags.get("stale") != "true"
+                    client.set_tag(r.info.run_id, "stale", "true")
+                elif r.info.status != "KILLED":  # killed or failed before its test metrics: superseded
                     client.set_terminated(r.info.run_id, "KILLED")
             tags = cell.tags() | {
                 "level": "seed",
                 "experiment": name,
                 "seed": str(seed),
                 "subset_seed": str(subset_of(seed)),
+                "unit": units[(cell.name, subset_of(seed))],
+                "config_hash": key,
                 "mlflow.parentRunId": cell_runs[cell.name],
             }
-            data = cell.data(seed, subset_of(seed))
-            jobs.append((run_config(config, data, seed, name, uri), tags, f"{cell.name} seed {seed}"))
+            jobs.append((run, tags, f"{cell.name} seed {seed}"))
+    changed = f" ({stale} of them because their config, data or synthetic images changed)" if stale else ""
     print(
-        f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train, {len(cells) * seeds - len(jobs)} done"
+        f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train{changed}, "
+        f"{len(cells) * seeds - len(jobs)} done"
     )
     try:
         run_all(jobs, exp_id, workers, keep_checkpoints)
@@ -608,7 +789,7 @@ def experiment(
     x = f"real_{learning_curve_class}" if learning_curve_class else "real_per_class"
     x_metric = f"data/real_kept/{learning_curve_class}" if learning_curve_class else "data/real_per_class"
     results, real_images = collect(
-        search(client, exp_id, {"level": "seed", "experiment": name}), cells, metric, x_metric
+        search(client, exp_id, {"level": "seed", "experiment": name}), cells, metric, x_metric, wanted
     )
     table = pd.DataFrame(
         [
@@ -621,23 +802,25 @@ def experiment(
                 "ratio": c.ratio_value,
                 "synthetic": c.synthetic,
                 "baseline": c.baseline.name if c.baseline else "",
+                "controls": ";".join(k.name for k in c.controls(cells)),
                 x: real_images[c.name],
             }
             for c in cells
         ]
     ).set_index("cell")
     folder = Path(out) if out else Path("outputs") / "experiments" / name
-    summary, _, markdown = report(results, table, folder, metric, minority_metric, x)
+    summary, _, markdown = report(results, table, folder, metric, minority_metric, x, margin, min_units)
 
     now = int(pd.Timestamp.now().timestamp() * 1000)
     for cell, rows in summary.groupby("cell", sort=False):
         metrics = [Metric("seeds", float(rows["n"].max()), now, 0)]
         for row in rows.itertuples():
-            metrics += [
-                Metric(row.metric, float(row.median), now, 0),
-                Metric(f"{row.metric}/ci_low", float(row.ci_low), now, 0),
-                Metric(f"{row.metric}/ci_high", float(row.ci_high), now, 0),
-            ]
+            metrics.append(Metric(row.metric, float(row.median), now, 0))
+            if not math.isnan(row.ci_low):  # refused for too few units: no CI to log
+                metrics += [
+                    Metric(f"{row.metric}/ci_low", float(row.ci_low), now, 0),
+                    Metric(f"{row.metric}/ci_high", float(row.ci_high), now, 0),
+                ]
         client.log_batch(cell_runs[cell], metrics=metrics)
         client.set_terminated(cell_runs[cell], "FINISHED")
     client.log_artifacts(parent, str(folder), "report")

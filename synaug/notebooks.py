@@ -44,8 +44,11 @@ CELL_TAGS = (
 BASELINE_KEYS = ("classifier", "policy", "real", "real_fraction", "real_count")
 
 
-def _search(c: mlflow.MlflowClient, filter_string: str, experiment: str | None = None) -> list[Run]:
-    """Every run matching `filter_string` in `experiment` (default: all experiments), oldest first."""
+def _search(c: mlflow.MlflowClient, tags: dict[str, str], experiment: str | None = None) -> list[Run]:
+    """Every finished run with these tag values in `experiment` (default: all experiments), oldest first.
+
+    MLflow's filter language has no escape for a quote inside a string: a value holding a quote or a backslash
+    (an experiment named `it's`) is not written into the filter but matched here."""
     if experiment is None:
         ids = [e.experiment_id for e in c.search_experiments()]
     else:
@@ -53,12 +56,16 @@ def _search(c: mlflow.MlflowClient, filter_string: str, experiment: str | None =
         if exp is None:
             raise LookupError(f"no MLflow experiment '{experiment}' at {c.tracking_uri}")
         ids = [exp.experiment_id]
+    exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
+    query = " and ".join(
+        [*(f"tags.`{k}` = '{v}'" for k, v in exact.items()), "attributes.status = 'FINISHED'"]
+    )
     runs, token = [], None
     while True:  # search_runs pages at 1000 runs
         page = c.search_runs(
-            ids, filter_string, order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
+            ids, query, order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
         )
-        runs += page
+        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
         token = page.token
         if not token:
             return runs
@@ -82,17 +89,21 @@ def experiment_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
     `cell` and `seed` tags (the experiment's parent, the cells' runs) or without test metrics are left out.
     """
     c = mlflow.MlflowClient(tracking_uri)
-    runs = _search(c, f"tags.experiment = '{experiment}' and attributes.status = 'FINISHED'")
+    runs = _search(c, {"experiment": experiment})
     rows = [
         {
             "run_id": r.info.run_id,
             "cell": r.data.tags["cell"],
             "seed": int(r.data.tags["seed"]),
+            # the independent unit: the real subset (and its generator) the seed trained on
+            "unit": r.data.tags.get("unit", r.data.tags.get("subset_seed", r.data.tags["seed"])),
             **{t: r.data.tags[t] for t in CELL_TAGS if t in r.data.tags},
             **{m: v for m, v in r.data.metrics.items() if m.startswith("test/")},
         }
         for r in runs
-        if {"cell", "seed"} <= r.data.tags.keys() and any(m.startswith("test/") for m in r.data.metrics)
+        if {"cell", "seed"} <= r.data.tags.keys()
+        and any(m.startswith("test/") for m in r.data.metrics)
+        and r.data.tags.get("stale") != "true"  # superseded by a rerun under a changed config
     ]
     if not rows:
         raise LookupError(
@@ -107,10 +118,11 @@ def experiment_runs(experiment: str, tracking_uri: str) -> pd.DataFrame:
 
 
 def results_table(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`experiment_runs` as `synaug.stats` takes them: the long results table (cell, seed, metric, value) and the
+    """`experiment_runs` as `synaug.stats` takes them: the long results table (cell, seed, unit, metric, value) and the
     cells (indexed by cell, one column per cell tag)."""
     metrics = [m for m in runs if m.startswith("test/")]
-    results = runs.melt(["cell", "seed"], metrics, var_name="metric", value_name="value").dropna()
+    ids = ["cell", "seed", "unit"] if "unit" in runs else ["cell", "seed"]
+    results = runs.melt(ids, metrics, var_name="metric", value_name="value").dropna()
     cells = runs.drop_duplicates("cell").set_index("cell")[[t for t in CELL_TAGS if t in runs]]
     return results.reset_index(drop=True), cells
 
@@ -166,7 +178,7 @@ def command_run(command: str, experiment: str, tracking_uri: str, run_id: str | 
     c = mlflow.MlflowClient(tracking_uri)
     if run_id is not None:
         return c.get_run(run_id)
-    runs = _search(c, f"tags.`synaug.command` = '{command}' and attributes.status = 'FINISHED'", experiment)
+    runs = _search(c, {"synaug.command": command}, experiment)
     if not runs:
         raise LookupError(f"no finished `synaug {command}` run in experiment '{experiment}'")
     return runs[-1]
@@ -199,11 +211,7 @@ def quality_run(folder: str | Path, experiment: str, tracking_uri: str, run_id: 
     if run_id is not None:
         return mlflow.MlflowClient(tracking_uri).get_run(run_id)
     folder = Path(folder).expanduser().resolve()
-    runs = _search(
-        mlflow.MlflowClient(tracking_uri),
-        "tags.`synaug.command` = 'quality' and attributes.status = 'FINISHED'",
-        experiment,
-    )
+    runs = _search(mlflow.MlflowClient(tracking_uri), {"synaug.command": "quality"}, experiment)
 
     def same(given: str) -> bool:
         path = Path(given).expanduser()

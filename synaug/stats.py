@@ -5,9 +5,17 @@ uncertainty over seeds. Results arrive as a long table, one row per (cell, seed,
 `cell` (str), `seed` (int), `metric` (str, e.g. `test/f1_macro`) and `value` (float). A cell is one
 configuration of the experiment grid; its baseline is the same classifier and policy without synthetic data.
 
-- `summarize`: per cell and metric, median/mean/std over seeds and a bootstrap CI of the median.
-- `compare`: per cell against its baseline, paired by seed: median difference with a bootstrap CI, a Wilcoxon
-  signed-rank p-value and the Holm-adjusted p-value across the cells of the experiment.
+Inference is at the level of the *independent unit*: the real training subset, with the generator trained on
+it (optional column `unit`; without it every seed is its own unit). Seeds that share a real subset share its
+generator and its luck, so they are averaged into one value per unit before any CI or test; treating them as
+independent turns noise into significance (pseudo-replication). A comparison also needs *distinct* results:
+eight seeds of a deterministic classifier that all give one value are one replicate, not eight. Below
+`min_units` effective replicates (default 5) no CI and no p-value is printed, and the `note` says why.
+
+- `summarize`: per cell and metric, median/mean/std over seeds and a bootstrap CI of the median over units.
+- `compare`: each (cell, reference) pair, paired by unit: median difference with a bootstrap CI, a Wilcoxon
+  signed-rank p-value, Holm-adjusted across the pairs, the probability of improvement with its CI, a
+  practical-equivalence verdict against a margin, the minimum detectable effect and the smallest p reachable.
 - `markdown_table`, `write_report`: the table of a thesis chapter, and the CSVs behind it.
 - `plot_cells`, `plot_ratio_curve`: figures (plain `Figure` objects, no pyplot state, so they work headless).
 - `learning_curve`, `synthetic_worth`: the metric against the number of real images, and how many real images
@@ -32,6 +40,11 @@ Statistic = Literal["median", "mean"]
 STATISTICS = {"median": np.median, "mean": np.mean}
 RESULT_COLUMNS = ["cell", "seed", "metric", "value"]
 MAIN_METRIC = "test/f1_macro"
+MIN_UNITS = 5  # fewer effective replicates than this: no CI, no p-value
+MARGIN = 0.01  # practical-equivalence margin: one point of a metric in [0, 1]
+ALPHA = 0.05
+POWER = 0.8
+Verdict = Literal["better", "worse", "equivalent", "inconclusive"]
 # label -> metric: the columns of a thesis results table, in its order
 TABLE_COLUMNS = {
     "accuracy": "test/acc",
@@ -111,15 +124,79 @@ def holm(pvalues: ArrayLike) -> np.ndarray:
     """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
 
     With p sorted ascending, p_(i) becomes max_{j <= i} (m - j + 1) p_(j), capped at 1; the running maximum keeps
-    the adjusted values in the order of the raw ones. Returned in the input's order.
+    the adjusted values in the order of the raw ones. Returned in the input's order. NaN (a test refused for too
+    few units) is no member of the family and stays NaN. (statsmodels' `multipletests` does this too; it is not
+    a dependency of synaug.)
     """
     p = np.asarray(pvalues, dtype=float)
-    m = p.size
-    order = np.argsort(p)
+    adjusted = np.full(p.size, np.nan)
+    tested = np.flatnonzero(~np.isnan(p))
+    m = tested.size
+    order = tested[np.argsort(p[tested])]
     stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    adjusted = np.empty(m)
     adjusted[order] = np.minimum(stepped, 1.0)
     return adjusted
+
+
+def smallest_p(n: int) -> float:
+    """The smallest two-sided p-value an exact Wilcoxon signed-rank test can give with n paired units: every
+    difference of one sign, probability 2 / 2^n (0.0625 with 5 units: no n = 5 study reaches p < 0.05)."""
+    return min(1.0, 2.0 * 0.5**n) if n > 0 else np.nan
+
+
+def detectable_effect(sd: float, n: int, alpha: float = ALPHA, power: float = POWER) -> float:
+    """Minimum detectable effect: the mean paired difference a two-sided paired test at level `alpha` detects
+    with probability `power` at n units, sd(differences) = `sd`: (t_{1-alpha/2} + t_{power}) sd / sqrt(n),
+    with n - 1 degrees of freedom (the paired t-test's; the Wilcoxon needs ~5% more units, its asymptotic
+    relative efficiency being 3/pi). inf when the Wilcoxon test cannot reach `alpha` at n at all, nan below
+    2 units."""
+    if n < 2 or not np.isfinite(sd):
+        return np.nan
+    if smallest_p(n) > alpha:
+        return np.inf
+    t = scipy.stats.t.ppf(1 - alpha / 2, n - 1) + scipy.stats.t.ppf(power, n - 1)
+    return float(t * sd / np.sqrt(n))
+
+
+def verdict(low: float, high: float, margin: float = MARGIN) -> Verdict:
+    """Practical-equivalence verdict from the CI [low, high] of a difference (positive = improvement) against
+    the margin +-`margin`: `equivalent` when the whole CI lies inside the margin, else `better` when it lies
+    above 0, `worse` below 0, `inconclusive` when it straddles 0 (or there is no CI)."""
+    if np.isnan(low) or np.isnan(high):
+        return "inconclusive"
+    if -margin < low and high < margin:
+        return "equivalent"
+    return "better" if low > 0 else "worse" if high < 0 else "inconclusive"
+
+
+def higher_is_better(metric: str) -> bool:
+    return "cross_entropy" not in metric and "loss" not in metric
+
+
+def unit_values(results: pd.DataFrame) -> pd.DataFrame:
+    """One value per (cell, metric, unit): the mean over the seeds that share a unit (its real subset and
+    generator). Without a `unit` column each seed is a unit. Columns: cell, metric, unit, value, seeds."""
+    check_results(results)
+    units = results.assign(unit=results["unit"] if "unit" in results else results["seed"])
+    return (
+        units.groupby(["cell", "metric", "unit"], sort=False)["value"]
+        .agg(value="mean", seeds="size")
+        .reset_index()
+    )
+
+
+def effective(values: np.ndarray) -> int:
+    """Effective replicates: the number of units, counted once per distinct value (identical results are one
+    replicate however many seeds produced them)."""
+    return int(np.unique(np.round(np.asarray(values, dtype=float), 12)).size)
+
+
+def refusal(units: int, distinct: int, min_units: int) -> str:
+    if min(units, distinct) >= min_units:
+        return ""
+    if distinct < units:
+        return f"no CI/p: {units} units but {distinct} distinct result(s) (< {min_units})"
+    return f"no CI/p: {units} independent unit(s) (< {min_units})"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -132,27 +209,38 @@ def summarize(
     confidence: float = 0.95,
     n_resamples: int = 9999,
     seed: int = 0,
+    min_units: int = MIN_UNITS,
 ) -> pd.DataFrame:
-    """Per cell and metric: n (seeds), median, mean, std (ddof=1) and a bootstrap CI of `statistic`.
+    """Per cell and metric: n (seeds), units, distinct, median, mean, std (ddof=1) over seeds, a bootstrap CI
+    of `statistic` over the per-unit values, and `note` (why a CI is missing).
 
-    Columns: cell, metric, n, median, mean, std, ci_low, ci_high; cells and metrics in the order they first
-    appear in `results` (the order the experiment ran them).
+    Columns: cell, metric, n, units, distinct, median, mean, std, ci_low, ci_high, note; cells and metrics in
+    the order they first appear in `results` (the order the experiment ran them). Fewer than `min_units`
+    effective replicates give no CI (nan): a CI from two units, or from twenty copies of one value, is not one.
     """
     check_results(results)
+    per_unit = unit_values(results).groupby(["cell", "metric"], sort=False)["value"]
     rows = []
     for (cell, metric), group in results.groupby(["cell", "metric"], sort=False):
         values = group["value"].to_numpy(dtype=float)
-        low, high = bootstrap_ci(values, statistic, confidence, n_resamples, seed)
+        units = per_unit.get_group((cell, metric)).to_numpy()
+        note = refusal(units.size, effective(units), min_units)
+        low, high = (
+            (np.nan, np.nan) if note else bootstrap_ci(units, statistic, confidence, n_resamples, seed)
+        )
         rows.append(
             {
                 "cell": cell,
                 "metric": metric,
                 "n": values.size,
+                "units": units.size,
+                "distinct": effective(units),
                 "median": np.median(values),
                 "mean": values.mean(),
                 "std": values.std(ddof=1) if values.size > 1 else np.nan,
                 "ci_low": low,
                 "ci_high": high,
+                "note": note,
             }
         )
     return pd.DataFrame(rows)
@@ -160,48 +248,88 @@ def summarize(
 
 def compare(
     results: pd.DataFrame,
-    baselines: Mapping[str, str],
+    baselines: Mapping[str, str] | list[tuple[str, str]],
     metrics: list[str] | None = None,
     statistic: Statistic = "median",
     confidence: float = 0.95,
     n_resamples: int = 9999,
     seed: int = 0,
+    min_units: int = MIN_UNITS,
+    margin: float = MARGIN,
 ) -> pd.DataFrame:
-    """Each cell of `baselines` (cell -> its baseline cell) against its baseline, paired by seed.
+    """Each (cell, reference) pair of `baselines` (a mapping cell -> baseline, or a list of pairs, e.g. an arm
+    against its baseline and its controls), paired by independent unit.
 
-    Only seeds present in both cells count (a crashed run drops one pair, not the cell). Differences are
-    cell - baseline. Per (cell, metric): n (pairs), median_diff, mean_diff, a bootstrap CI (ci_low, ci_high) of
-    the `statistic` of the differences, the Wilcoxon signed-rank p-value `p`, and `p_holm`, Holm-adjusted over
-    all cells of `baselines` for that metric (the family of claims one table makes about one metric).
+    Only seeds present in both cells count (a crashed run drops one pair, not the cell); seeds of one unit are
+    averaged, per cell, into one value, and the unit differences (cell - reference) are what every statistic
+    sees. Per (cell, metric): n (seed pairs), units, distinct (distinct unit differences), median_diff,
+    mean_diff, a bootstrap CI (ci_low, ci_high) of the `statistic` of the unit differences, the Wilcoxon
+    signed-rank p-value `p` and `p_holm`, Holm-adjusted over all pairs for that metric (the family of claims
+    one report makes about one metric); `p_improve`, the probability of improvement (share of units where the
+    cell beats its reference, ties half, as rliable reports it) with its bootstrap CI; `verdict` against
+    +-`margin` (see `verdict`; for a lower-is-better metric such as cross-entropy improvement is a decrease);
+    `mde`, the minimum detectable effect at these units and `p_min`, the smallest p the test can reach; and
+    `note`. Fewer than `min_units` effective replicates give no CI and no p (nan), and a note saying why.
     `metrics` defaults to every metric in `results`.
     """
     check_results(results)
-    selfish = [cell for cell, baseline in baselines.items() if cell == baseline]
+    pairs = list(baselines.items()) if isinstance(baselines, Mapping) else list(baselines)
+    selfish = [cell for cell, baseline in pairs if cell == baseline]
     if selfish:
         raise ValueError(f"cells {selfish} are their own baseline; leave baselines out of the mapping")
     metrics = list(results["metric"].unique()) if metrics is None else metrics
+    if "unit" not in results:
+        results = results.assign(unit=results["seed"])
     frames = []
     for metric in metrics:
-        by_seed = results[results["metric"] == metric].pivot(index="seed", columns="cell", values="value")
+        rows_m = results[results["metric"] == metric]
+        by_seed = rows_m.pivot(index="seed", columns="cell", values="value")
+        unit_of = rows_m.pivot(index="seed", columns="cell", values="unit")
+        sign = 1.0 if higher_is_better(metric) else -1.0
         rows = []
-        for cell, baseline in baselines.items():
+        for cell, baseline in pairs:
             if cell not in by_seed or baseline not in by_seed:
                 raise ValueError(f"no {metric!r} results for {cell!r} or its baseline {baseline!r}")
-            differences = (by_seed[cell] - by_seed[baseline]).dropna().to_numpy()  # aligned by seed
-            if differences.size == 0:
+            both = by_seed[[cell, baseline]].dropna()  # aligned by seed
+            if both.empty:
                 raise ValueError(f"{cell!r} and its baseline {baseline!r} share no seed with {metric!r}")
-            low, high = bootstrap_ci(differences, statistic, confidence, n_resamples, seed)
+            units_of = unit_of.loc[both.index, [cell, baseline]]
+            if (units_of[cell] != units_of[baseline]).any():
+                raise ValueError(
+                    f"{cell!r} and {baseline!r} put one seed in different units: they cannot pair"
+                )
+            per_unit = both.groupby(units_of[cell].to_numpy()).mean()
+            differences = (per_unit[cell] - per_unit[baseline]).to_numpy()
+            units, distinct = differences.size, effective(differences)
+            note = refusal(units, distinct, min_units)
+            wins = np.where(sign * differences > 0, 1.0, np.where(differences == 0, 0.5, 0.0))
+            if note:
+                low = high = p = pi_low = pi_high = np.nan
+            else:
+                low, high = bootstrap_ci(differences, statistic, confidence, n_resamples, seed)
+                pi_low, pi_high = bootstrap_ci(wins, "mean", confidence, n_resamples, seed)
+                p = wilcoxon_p(differences)
+            improvement = (low, high) if sign > 0 else (-high, -low)
             rows.append(
                 {
                     "cell": cell,
                     "baseline": baseline,
                     "metric": metric,
-                    "n": differences.size,
+                    "n": len(both),
+                    "units": units,
+                    "distinct": distinct,
                     "median_diff": np.median(differences),
                     "mean_diff": differences.mean(),
                     "ci_low": low,
                     "ci_high": high,
-                    "p": wilcoxon_p(differences),
+                    "p": p,
+                    "p_improve": wins.mean(),
+                    "p_improve_low": pi_low,
+                    "p_improve_high": pi_high,
+                    "verdict": verdict(*improvement, margin),
+                    "mde": detectable_effect(differences.std(ddof=1) if units > 1 else np.nan, units),
+                    "p_min": smallest_p(int(np.count_nonzero(differences))),
+                    "note": note,
                 }
             )
         frame = pd.DataFrame(rows)
@@ -210,12 +338,22 @@ def compare(
     return pd.concat(frames, ignore_index=True)
 
 
+def distinguishable(row: Mapping) -> bool:
+    """Whether a comparison's difference is told apart from zero: its CI excludes 0."""
+    return bool(row["ci_low"] > 0 or row["ci_high"] < 0)
+
+
 def _interval(center: float, low: float, high: float, digits: int, sign: str = "") -> str:
+    if np.isnan(low) or np.isnan(high):
+        return f"{center:{sign}.{digits}f} [no CI]"
     return f"{center:{sign}.{digits}f} [{low:{sign}.{digits}f}, {high:{sign}.{digits}f}]"
 
 
 def format_p(p: float, digits: int = 3) -> str:
-    """A p-value as printed in the table: fixed decimals, and `<0.001` rather than a misleading `0.000`."""
+    """A p-value as printed in the table: fixed decimals, `<0.001` rather than a misleading `0.000`, and `—`
+    for a test refused (too few units)."""
+    if np.isnan(p):
+        return "—"
     return f"<{10**-digits:.{digits}f}" if p < 10**-digits else f"{p:.{digits}f}"
 
 
@@ -226,13 +364,15 @@ def markdown_table(
     main_metric: str = MAIN_METRIC,
     columns: Mapping[str, str] = TABLE_COLUMNS,
     digits: int = 3,
+    margin: float = MARGIN,
 ) -> str:
     """A thesis-style Markdown table: one row per cell, each metric as `median [ci_low, ci_high]`.
 
     `columns` (label -> metric) are the metric columns, then `minority_metric` (a per-class recall such as
-    `test/recall/glioma`) when given, then the paired difference to the baseline of `main_metric` with its CI
-    and the Holm-adjusted Wilcoxon p-value. Baseline cells read `baseline` there; a cell without a comparison or
-    without a metric reads `—`. A metric absent from `summary` altogether raises.
+    `test/recall/glioma`) when given, then, against the baseline on `main_metric`: the paired difference with
+    its CI, the probability of improvement, the verdict and the Holm-adjusted Wilcoxon p-value. Baseline cells
+    read `baseline` there; a cell without a comparison or without a metric reads `—`; a CI refused for too few
+    units reads `[no CI]`, with the reason below the table. A metric absent from `summary` raises.
     """
     columns = dict(columns)
     if minority_metric is not None:
@@ -242,13 +382,28 @@ def markdown_table(
         raise ValueError(f"metrics {absent} are not in the summary")
 
     stats = summary.set_index(["cell", "metric"])
-    diffs = comparison[comparison["metric"] == main_metric].set_index("cell")
-    baseline_cells = set(comparison["baseline"])
+    main_rows = comparison[comparison["metric"] == main_metric]
+    baseline_cells = set(main_rows["baseline"])
+    diffs = main_rows.drop_duplicates("cell").set_index("cell")
     main = main_metric.removeprefix("test/")
-    header = ["configuration", "seeds", *columns, f"Δ {main} vs baseline", "p (Holm)"]
+    header = [
+        "configuration",
+        "seeds",
+        "units",
+        *columns,
+        f"Δ {main} vs baseline",
+        "P(improve)",
+        "verdict",
+        "p (Holm)",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":-:"] * (len(header) - 1)) + "|"]
     for cell in summary["cell"].unique():
-        row = [cell, str(stats.loc[(cell, main_metric), "n"]) if (cell, main_metric) in stats.index else "—"]
+        known = (cell, main_metric) in stats.index
+        row = [
+            cell,
+            str(stats.loc[(cell, main_metric), "n"]) if known else "—",
+            str(stats.loc[(cell, main_metric), "units"]) if known else "—",
+        ]
         for metric in columns.values():
             if (cell, metric) in stats.index:
                 s = stats.loc[(cell, metric)]
@@ -257,18 +412,46 @@ def markdown_table(
                 row.append("—")
         if cell in diffs.index:
             d = diffs.loc[cell]
+            pi = _interval(d["p_improve"], d["p_improve_low"], d["p_improve_high"], 2)
             row += [
                 _interval(d["median_diff"], d["ci_low"], d["ci_high"], digits, "+"),
+                pi,
+                d["verdict"],
                 format_p(d["p_holm"]),
             ]
         else:
-            row += ["baseline" if cell in baseline_cells else "—", "—"]
+            row += ["baseline" if cell in baseline_cells else "—", "—", "—", "—"]
         lines.append("| " + " | ".join(row) + " |")
+    units = summary.loc[summary["metric"] == main_metric, "units"]
+    refused = [
+        f"- {r.cell} vs {r.baseline}: {r.note}"
+        for r in main_rows.itertuples()
+        if isinstance(r.note, str) and r.note
+    ]
+    refused += [
+        f"- {r.cell}: {r.note}"
+        for r in summary[summary["metric"] == main_metric].itertuples()
+        if isinstance(r.note, str) and r.note
+    ]
+    unit_range = f"{units.min()}" if units.min() == units.max() else f"{units.min()} to {units.max()}"
     note = (
-        f"\nMedian [bootstrap CI] over seeds. Δ: median paired (by seed) difference to the cell's baseline, "
-        f"with its bootstrap CI; p: two-sided Wilcoxon signed-rank test, Holm-adjusted across the "
-        f"{len(diffs)} cells compared on {main_metric}.\n"
+        f"\nIndependent units: {unit_range} per cell (a unit is one real training subset, with the generator "
+        f"trained on it; the seeds sharing a unit are averaged into one value). Median over seeds [bootstrap CI "
+        f"over units]. Δ: median paired (by unit) difference to the cell's baseline, with its bootstrap CI; "
+        f"P(improve): share of units where the cell beats its baseline [bootstrap CI]; verdict against a margin "
+        f"of ±{margin:g} (better/worse: the CI excludes 0; equivalent: the CI lies within the margin; otherwise "
+        f"inconclusive); p: two-sided Wilcoxon signed-rank test over units, Holm-adjusted across the "
+        f"{int(main_rows['p'].notna().sum())} comparisons tested on {main_metric} (CIs and verdicts are per "
+        f"comparison, not adjusted: read a verdict whose Holm p is large as suggestive). Every CI and p is "
+        f"conditional on the one test set and on one generator training per subset: it says nothing about "
+        f"another test set or another training of the generators.\n"
     )
+    if refused:
+        note += (
+            "\nRefused (too few effective replicates; a CI or p from them would be noise):\n"
+            + "\n".join(refused)
+            + "\n"
+        )
     return "\n".join(lines) + "\n" + note
 
 
@@ -278,6 +461,7 @@ def write_report(
     folder: str | Path,
     minority_metric: str | None = None,
     main_metric: str = MAIN_METRIC,
+    margin: float = MARGIN,
 ) -> dict[str, Path]:
     """Write `summary.csv`, `comparison.csv` and `report.md` (the `markdown_table`) into `folder`."""
     folder = Path(folder)
@@ -289,7 +473,9 @@ def write_report(
     }
     summary.to_csv(paths["summary"], index=False)
     comparison.to_csv(paths["comparison"], index=False)
-    paths["table"].write_text(markdown_table(summary, comparison, minority_metric, main_metric))
+    paths["table"].write_text(
+        markdown_table(summary, comparison, minority_metric, main_metric, margin=margin)
+    )
     return paths
 
 

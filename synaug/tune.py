@@ -20,6 +20,10 @@ classes and the conventional policy), maximising a validation metric averaged ov
 - MLflow (experiment `name`): one run per trial (tags optuna.study, optuna.trial, worker, state; the trial's
   params, `intermediate` per step, `objective/seed` and `objective`), each with one child run per seed (the
   Lightning run: its per-epoch validation metrics). The best trial's run is tagged best=true.
+- Reference: before the first trial, the configuration without synthetic images is trained over the same seeds
+  (MLflow run tagged level=reference; its value is the study's user attribute `reference`), so a tuned ratio is
+  always read against no synthetic data. A trial proposing a configuration already evaluated (on a grid, the
+  sampler repeats itself) reuses its value (user attribute `reused_from`) rather than training it again.
 - Then the best configuration is trained over `evaluate_seeds` seeds and tested once against its baseline
   without synthetic images, through `synaug experiment` (MLflow experiment `<name>-test`). With several
   processes, give them `--evaluate_seeds 0` and evaluate once the study is done: the same command again runs
@@ -243,34 +247,41 @@ def tune(
             classes = chosen.split("+") if chosen else []
         for c in classes:
             trial.suggest_float(f"ratio/{c}", *ratio[c], step=ratio_step)
-        trial_cell = cell(trial.params)
+        # On a grid the sampler proposes the same configuration again: its seeds would train to bit-identical
+        # results, so the earlier value is reused (and the trial says so) instead of spending a training on it.
+        for earlier in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            if earlier.params == trial.params:
+                trial.set_user_attr("reused_from", earlier.number)
+                return earlier.value
+        return evaluate(trial, cell(trial.params), trial.number)
 
+    def evaluate(trial: optuna.Trial | None, trial_cell: Cell, number: int | str) -> float:
+        """Train `trial_cell` over the seeds; the mean validation metric. `trial` None: the reference."""
         tags = trial_cell.tags() | {
-            "level": "trial",
+            "level": "trial" if trial is not None else "reference",
             "optuna.study": name,
-            "optuna.trial": str(trial.number),
+            "optuna.trial": str(number),
             "worker": worker,
         }
-        if "mlflow_run_id" in trial.user_attrs:  # a retried trial carries the attributes of its dead attempt
+        if trial is not None and "mlflow_run_id" in trial.user_attrs:  # a retried trial: its dead attempt
             tags["retry_of_run"] = trial.user_attrs["mlflow_run_id"]
-        run_id = client.create_run(exp_id, run_name=f"trial {trial.number}", tags=tags).info.run_id
-        trial.set_user_attr("mlflow_run_id", run_id)
-        trial.set_user_attr("worker", worker)
-        client.log_batch(run_id, params=[Param(k, str(v)) for k, v in trial.params.items()])
+        run_id = client.create_run(exp_id, run_name=f"trial {number}", tags=tags).info.run_id
+        if trial is not None:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("worker", worker)
+            client.log_batch(run_id, params=[Param(k, str(v)) for k, v in trial.params.items()])
         runs, values = [run_id], []
         try:
             for seed in range(seeds):
                 seed_tags = trial_cell.tags() | {
                     "level": "seed",
                     "optuna.study": name,
-                    "optuna.trial": str(trial.number),
+                    "optuna.trial": str(number),
                     "seed": str(seed),
                     "subset_seed": str(subset_of(seed)),
                     "mlflow.parentRunId": run_id,
                 }
-                seed_run = client.create_run(
-                    exp_id, run_name=f"trial {trial.number} seed {seed}", tags=seed_tags
-                )
+                seed_run = client.create_run(exp_id, run_name=f"trial {number} seed {seed}", tags=seed_tags)
                 runs.append(seed_run.info.run_id)
                 seed_config = merge(
                     run_config(config, trial_cell.data(seed, subset_of(seed)), seed, name, uri),
@@ -279,8 +290,10 @@ def tune(
 
                 def report(epoch: int, value: float, seed: int = seed) -> bool:
                     step = seed * epochs + epoch
-                    trial.report(value, step)
                     client.log_metric(run_id, "intermediate", value, step=step)
+                    if trial is None:  # the reference is never pruned
+                        return False
+                    trial.report(value, step)
                     return epoch >= warmup_epochs and trial.should_prune()
 
                 values.append(fit_fn(seed_config, metric, report))
@@ -326,6 +339,11 @@ def tune(
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials),
     )
+    if "reference" not in study.user_attrs:
+        # the configuration without synthetic images, over the same seeds: what every trial has to beat
+        plain = Cell(clf, data.get("policy", "none"), reals[0][0], reals[0][1])
+        study.set_user_attr("reference", evaluate(None, plain, "reference"))
+    reference = study.user_attrs["reference"]
     done = len(study.get_trials(deepcopy=False, states=COUNTED))
     if done < n_trials:
         study.optimize(
@@ -335,11 +353,16 @@ def tune(
             gc_after_trial=True,
         )
     best = study.best_trial
+    if "reused_from" in best.user_attrs:  # the configuration's own evaluation holds the runs
+        best = study.trials[best.user_attrs["reused_from"]]
     for run in search(client, exp_id, {"optuna.study": name, "level": "trial"}):
         flag = str(run.info.run_id == best.user_attrs["mlflow_run_id"]).lower()
         if run.data.tags.get("best") != flag:
             client.set_tag(run.info.run_id, "best", flag)
-    print(f"study {name!r}: best trial {best.number}, {metric} = {best.value:.4f}, {best.params}")
+    print(
+        f"study {name!r}: best trial {best.number}, {metric} = {best.value:.4f}, {best.params}; "
+        f"without synthetic images (the reference): {reference:.4f}"
+    )
     if not evaluate_seeds:
         return best
 

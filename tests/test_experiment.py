@@ -15,6 +15,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from matplotlib.figure import Figure
 
+from synaug import stats
 from synaug.cli import main
 from synaug.data import ClassificationData, DataError
 from synaug.experiment import Synthetic, check_base, experiment, grid, merge, prepare, report, search
@@ -59,6 +60,7 @@ def grid_args(breast_npz, tmp_path_factory) -> dict:
         synthetic={"transform": source},
         seeds=2,
         out=str(tmp_path_factory.mktemp("report")),
+        controls=False,  # the controls are tested on their own: two more cells here would only cost time
     )
 
 
@@ -319,3 +321,193 @@ def test_example_configs_parse(config):
             args.base, args.classifiers, args.policies, args.real_fractions, args.real_counts, args.synthetic
         )
         assert len(cells) >= 2
+
+
+def test_rerun_retrains_a_changed_config_and_reads_only_the_requested_seeds(
+    ran, grid_args, tmp_path, monkeypatch
+):
+    # main matched finished runs by (experiment, cell, seed) only: a new learning rate said "0 runs to train"
+    # and printed the old report, and lowering `seeds` kept the dropped seed in the results
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())
+    client = mlflow.MlflowClient()
+    exp_id = client.get_experiment_by_name("grid").experiment_id
+    before = {pair: [r.info.run_id for r in runs] for pair, runs in seed_runs(client, exp_id).items()}
+    out = tmp_path / "report"
+
+    experiment(**grid_args | {"seeds": 1, "out": str(out)})  # nothing changed: reuses, reads seed 0 only
+    assert {pair: [r.info.run_id for r in runs] for pair, runs in seed_runs(client, exp_id).items()} == before
+    assert set(pd.read_csv(out / "results.csv")["seed"]) == {0}
+
+    lr = merge(
+        CNN,
+        {
+            "cnn": {
+                "model": {
+                    "init_args": {"optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}}}
+                }
+            }
+        },
+    )
+    experiment(**grid_args | {"seeds": 1, "out": str(out), "classifiers": lr})
+    after = seed_runs(client, exp_id)
+    for pair in [(BASELINE, 0), (AUGMENTED, 0)]:
+        old = [
+            r
+            for r in after[pair]
+            if r.info.run_id in before[pair]
+            and r.info.status == "FINISHED"
+            and "test/f1_macro" in r.data.metrics
+        ]
+        assert old  # the finished runs of the old config: kept, tagged stale, never read
+        (new,) = [r for r in after[pair] if r.info.run_id not in before[pair]]
+        assert all(r.data.tags["stale"] == "true" for r in old)
+        assert new.data.tags["config_hash"] != old[-1].data.tags["config_hash"]
+    results = pd.read_csv(out / "results.csv")
+    read = set(zip(results["cell"], results["seed"], strict=True))
+    assert read == {(BASELINE, 0), (AUGMENTED, 0)}
+    new_f1 = {
+        r.data.tags["cell"]: r.data.metrics["test/f1_macro"]
+        for p in after
+        for r in after[p]
+        if r.info.run_id not in before.get(p, []) and r.data.tags["seed"] == "0"
+    }
+    f1 = results[results["metric"] == "test/f1_macro"].set_index("cell")["value"].to_dict()
+    assert f1 == pytest.approx(new_f1)
+
+
+def test_cell_names_tell_close_ratios_apart(breast_npz):
+    source = Synthetic(folders=["x"], ratios=[0.1234, 0.1231])
+    cells = grid(
+        tiny_base(breast_npz), CNN, synthetic={"gen": source}
+    )  # main: "names these cells more than once"
+    assert [c.name for c in cells] == [
+        "cnn/none/real=1/none",
+        "cnn/none/real=1/gen@0.1234",
+        "cnn/none/real=1/gen@0.1231",
+    ]
+
+
+def test_every_arm_gets_count_matched_controls(breast_npz):
+    source = Synthetic(folders=["x"], ratios=[0.5, 1.0], augment_classes=["malignant"])
+    cells = grid(tiny_base(breast_npz), CNN, synthetic={"diffusion": source}, controls_dir="ctl")
+    names = [c.name for c in cells]
+    arm = cells[names.index("cnn/none/real=1/diffusion@0.5")]
+    controls = arm.controls(cells)
+    assert [c.name for c in controls] == [
+        "cnn/none/real=1/duplicate-real@0.5",
+        "cnn/none/real=1/transform-medical@0.5",
+    ]
+    assert [c.source.transform for c in controls] == ["none", "medical"]
+    assert all(c.source.augment_classes == ["malignant"] and c.ratio == 0.5 for c in controls)
+    assert controls[0].data(3, 1)["synthetic"] == ["ctl/duplicate-real/real1-subset1"]
+    assert controls[0].controls(cells) == [] and len(names) == 7
+
+
+def _fake_cells(levels: dict[str, float], units: int, seeds_per_unit: int, noise: float, rng) -> tuple:
+    """A baseline, an arm and its two controls; `levels` are their true F1."""
+    base = "cnn/none/real=1/none"
+    cells, rows = [], []
+    for synthetic in levels:
+        cell = f"cnn/none/real=1/{synthetic}"
+        controls = (
+            ""
+            if synthetic != "gen@1"
+            else ";".join(f"cnn/none/real=1/{k}" for k in levels if k not in ("none", "gen@1"))
+        )
+        cells.append(
+            {
+                "cell": cell,
+                "classifier": "cnn",
+                "policy": "none",
+                "real": "1",
+                "generator": synthetic.split("@")[0],
+                "ratio": 0.0 if synthetic == "none" else 1.0,
+                "synthetic": synthetic,
+                "baseline": "" if synthetic == "none" else base,
+                "controls": controls,
+                "real_per_class": 100.0,
+            }
+        )
+    for u in range(units):
+        for k in range(seeds_per_unit):
+            seed = u * seeds_per_unit + k
+            shared = rng.normal(0, noise)
+            for c in cells:
+                value = levels[c["synthetic"]] + shared + rng.normal(0, 0.002)
+                rows += [(c["cell"], seed, m, value, u) for m in stats.TABLE_COLUMNS.values()]
+    results = pd.DataFrame(rows, columns=["cell", "seed", "metric", "value", "unit"])
+    return results, pd.DataFrame(cells).set_index("cell")
+
+
+def test_report_names_units_controls_and_verdicts(tmp_path):
+    rng = np.random.default_rng(0)
+    levels = {"none": 0.6, "gen@1": 0.65, "duplicate-real@1": 0.65, "transform-medical@1": 0.6}
+    results, cells = _fake_cells(levels, units=8, seeds_per_unit=2, noise=0.02, rng=rng)
+    _, comparison, table = report(results, cells, tmp_path)
+    arm = comparison[
+        (comparison["cell"] == "cnn/none/real=1/gen@1") & (comparison["metric"] == "test/f1_macro")
+    ]
+    verdicts = dict(zip(arm["baseline"].str.split("/").str[-1], arm["verdict"], strict=True))
+    assert verdicts == {"none": "better", "duplicate-real@1": "equivalent", "transform-medical@1": "better"}
+    assert (arm["units"] == 8).all() and (arm["n"] == 16).all()
+    assert "Independent units: 8 per cell" in table and "conditional on the one test set" in table
+    line = next(x for x in table.splitlines() if x.startswith("| cnn/none/real=1/gen@1 | duplicate-real@1"))
+    assert line.rstrip(" |").endswith(
+        "baseline, transform-medical@1"
+    )  # beats the baseline and the transforms
+
+
+def test_report_refuses_cis_for_too_few_units_and_worth_of_noise(tmp_path):
+    rng = np.random.default_rng(1)
+    levels = {"none": 0.6, "gen@1": 0.62, "duplicate-real@1": 0.6, "transform-medical@1": 0.6}
+    results, cells = _fake_cells(levels, units=2, seeds_per_unit=10, noise=0.02, rng=rng)
+    summary, comparison, table = report(results, cells, tmp_path)
+    assert comparison["p"].isna().all() and comparison["ci_low"].isna().all()
+    assert (comparison["verdict"] == "inconclusive").all()
+    assert summary["ci_low"].isna().all()
+    assert "[no CI]" in table and "2 independent unit(s) (< 5)" in table
+
+
+def test_worth_only_where_the_difference_is_distinguishable(tmp_path):
+    # main printed "inf [1084, inf]" for a +0.020 F1 difference whose CI was [-0.006, +0.122]
+    rng = np.random.default_rng(2)
+    cells, rows = [], []
+    for n in (10, 100):
+        for synthetic in ("none", "gen@1"):
+            cell = f"cnn/none/real={n}/{synthetic}"
+            cells.append(
+                {
+                    "cell": cell,
+                    "classifier": "cnn",
+                    "policy": "none",
+                    "real": str(n),
+                    "generator": synthetic.split("@")[0],
+                    "ratio": 0.0 if synthetic == "none" else 1.0,
+                    "synthetic": synthetic,
+                    "baseline": "" if synthetic == "none" else f"cnn/none/real={n}/none",
+                    "real_per_class": float(n),
+                }
+            )
+            for seed in range(8):
+                level = {10: 0.5, 100: 0.7}[n] + (0.1 if (synthetic, n) == ("gen@1", 10) else 0)
+                value = level + rng.normal(0, 0.05 if n == 100 else 0.005)
+                rows += [(cell, seed, m, value) for m in stats.TABLE_COLUMNS.values()]
+    results = pd.DataFrame(rows, columns=["cell", "seed", "metric", "value"])
+    _, _, table = report(results, pd.DataFrame(cells).set_index("cell"), tmp_path)
+    worth = pd.read_csv(tmp_path / "worth.csv").set_index("cell")
+    assert worth.loc["cnn/none/real=100/gen@1", "flag"] == "not distinguishable"
+    assert np.isnan(worth.loc["cnn/none/real=100/gen@1", "n_equivalent"])
+    assert worth.loc["cnn/none/real=10/gen@1", "flag"] == "within"
+    assert "| cnn/none/real=100/gen@1 | 100 | not distinguishable |" in table
+
+
+def test_search_matches_names_holding_quotes(tmp_path):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.create_experiment("it's")
+    names = ["cnn/it's/real=1/none", 'cnn/"quoted"/none', "plain"]
+    for name in names:
+        client.create_run(exp_id, tags={"experiment": "it's", "cell": name})
+    for name in names:
+        (run,) = search(client, exp_id, {"experiment": "it's", "cell": name})
+        assert run.data.tags["cell"] == name

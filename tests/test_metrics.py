@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from sklearn import metrics as skm
 
@@ -29,3 +30,25 @@ def test_metrics_equal_scikit_learn_on_fixed_predictions():
     assert np.allclose([out[f"test/recall/{c}"] for c in "gmnp"], per_class, atol=1e-6)
     assert np.allclose([out[f"test/f1/{c}"] for c in "gmnp"], skm.f1_score(y, pred, average=None), atol=1e-6)
     assert (m.confmat.compute().numpy() == skm.confusion_matrix(y, pred)).all()
+
+
+def test_a_class_absent_from_the_split_is_nan_and_left_out_of_macro_averages():
+    # main scored the absent class recall 0 and F1 0 while macro-F1 read 1.0, and averaged a 0 into macro AUROC
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 200)  # classes 0 and 1 only; class 2 has no test image
+    logits = rng.normal(size=(200, 3)) + 1.0 * np.eye(3)[y]
+    probs = torch.tensor(logits).softmax(-1).float()
+    m = ClassificationMetrics(3, ["a", "b", "c"])
+    m.update(probs, torch.tensor(y))
+    with pytest.warns(UserWarning, match=r"\['c'\] have no test images"):
+        out = m.compute("test")
+    assert np.isnan(out["test/recall/c"]) and np.isnan(out["test/f1/c"])
+    pred = probs.argmax(-1).numpy()
+    assert np.isclose(
+        out["test/f1_macro"], np.mean(skm.f1_score(y, pred, labels=[0, 1], average=None)), atol=1e-6
+    )
+    assert np.isclose(
+        out["test/recall_macro"], skm.recall_score(y, pred, labels=[0, 1], average="macro"), atol=1e-6
+    )
+    one_vs_rest = [skm.roc_auc_score(y == c, probs[:, c].numpy()) for c in (0, 1)]
+    assert np.isclose(out["test/auroc"], np.mean(one_vs_rest), atol=1e-4)

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import mlflow
 import nbformat
 import pandas as pd
 import pytest
@@ -173,3 +174,22 @@ def test_gradcam(demo):
     assert "similarity" in html and "hirescam" in html  # the logged table, then the live one
     # logged: mean maps and overlays of 2 classes; live: the same for 1 class
     assert len(_outputs(cells, "image/png")) == 4 + 2
+
+
+def test_runs_of_an_experiment_whose_name_holds_a_quote(tmp_path):
+    # main built the filter as f"tags.experiment = '{experiment}'": a quote in the name broke the search
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment('surgeon\'s "grid"')
+    for seed, cell in enumerate(["cnn/it's/none", "cnn/it's/none", "plain"]):
+        run = client.create_run(
+            exp_id,
+            tags={"experiment": 'surgeon\'s "grid"', "cell": cell, "seed": str(seed), "subset_seed": "0"},
+        ).info.run_id
+        client.log_metric(run, "test/f1_macro", 0.5 + seed / 10)
+        client.set_terminated(run)
+    runs = notebooks.experiment_runs('surgeon\'s "grid"', uri)
+    assert runs["cell"].tolist() == ["cnn/it's/none", "cnn/it's/none", "plain"]
+    assert runs["unit"].tolist() == ["0", "0", "0"]
+    results, _ = notebooks.results_table(runs)
+    assert set(results.columns) == {"cell", "seed", "unit", "metric", "value"}

@@ -77,7 +77,13 @@ def test_summarize_matches_numpy():
         assert row["median"] == pytest.approx(np.median(values))
         assert row["mean"] == pytest.approx(np.mean(values))
         assert row["std"] == pytest.approx(np.std(values, ddof=1))
-        assert min(values) <= row["ci_low"] <= row["median"] <= row["ci_high"] <= max(values)
+    row = summary.loc[("base", "test/acc")]
+    assert min(a) <= row["ci_low"] <= row["median"] <= row["ci_high"] <= max(a)
+    # three seeds are fewer than the 5 units a CI needs: none is printed, and the note says why
+    row = summary.loc[("base", "test/cross_entropy")]
+    assert (
+        np.isnan(row["ci_low"]) and np.isnan(row["ci_high"]) and "3 independent unit(s) (< 5)" in row["note"]
+    )
 
 
 def test_summarize_rejects_duplicate_rows():
@@ -116,7 +122,9 @@ def test_compare_pairs_by_seed(paired):
     assert f1["ci_low"] <= f1["median_diff"] <= f1["ci_high"]
     assert f1["p"] == pytest.approx(scipy.stats.wilcoxon(expected).pvalue)
     acc = comparison.loc["test/acc"]
-    assert acc["median_diff"] == 0 and acc["p"] == 1.0
+    # nine seeds with identical differences are one distinct result: no CI, no p, and the note says why
+    assert acc["median_diff"] == 0 and np.isnan(acc["p"]) and np.isnan(acc["ci_low"])
+    assert acc["distinct"] == 1 and "1 distinct result(s)" in acc["note"]
 
 
 def test_compare_raises_without_shared_seeds():
@@ -180,8 +188,9 @@ def test_write_report_round_trips(tmp_path):
     summary = stats.summarize(results, n_resamples=99)
     comparison = stats.compare(results, {"syn": "base"}, n_resamples=99)
     paths = stats.write_report(summary, comparison, tmp_path / "out")
-    pd.testing.assert_frame_equal(pd.read_csv(paths["summary"]), summary, check_dtype=False)
-    pd.testing.assert_frame_equal(pd.read_csv(paths["comparison"]), comparison, check_dtype=False)
+    for name, frame in [("summary", summary), ("comparison", comparison)]:
+        read = pd.read_csv(paths[name]).fillna({"note": ""})
+        pd.testing.assert_frame_equal(read, frame, check_dtype=False)
     assert paths["table"].read_text() == stats.markdown_table(summary, comparison)
 
 
@@ -313,3 +322,112 @@ def test_synthetic_worth_flags_out_of_range():
     assert 0 < edge.frac_above < 1
     with pytest.raises(ValueError, match="at least two"):
         stats.synthetic_worth({25: [0.5, 0.6]}, [0.5, 0.6], n0=25)
+
+
+def test_identical_replicates_give_no_ci_or_p():
+    # Deterministic heads with the whole synthetic pool drawn: every seed trains the same model. Main reported
+    # "Δ −0.064 [−0.064, −0.064], p=0.008" for 8 such seeds, "<0.001" for 20.
+    for seeds in (8, 20):
+        results = long_table(
+            {
+                ("base", "test/f1_macro"): dict.fromkeys(range(seeds), 0.630952),
+                ("syn", "test/f1_macro"): dict.fromkeys(range(seeds), 0.566826),
+            }
+        )
+        row = stats.compare(results, {"syn": "base"}, n_resamples=99).iloc[0]
+        assert row["n"] == seeds and row["units"] == seeds and row["distinct"] == 1
+        assert np.isnan(row["p"]) and np.isnan(row["p_holm"]) and np.isnan(row["ci_low"])
+        assert row["verdict"] == "inconclusive" and "1 distinct result(s)" in row["note"]
+        summary = stats.summarize(results, n_resamples=99)
+        assert summary["ci_low"].isna().all() and summary["distinct"].eq(1).all()
+        table = stats.markdown_table(
+            summary,
+            stats.compare(results, {"syn": "base"}, n_resamples=99),
+            columns={"F1 (macro)": "test/f1_macro"},
+        )
+        assert "[no CI]" in table and "Refused" in table and "p=0.008" not in table
+
+
+def test_seeds_sharing_a_unit_are_one_replicate():
+    # Pseudo-replication: seeds that share a real subset (and its generator) share its effect. With no true
+    # effect, main's seed-level test gave false positives at 0.43 with 2 subsets; by unit there are 2 replicates.
+    rng = np.random.default_rng(7)
+
+    def experiment(units: int, seeds_per_unit: int) -> pd.DataFrame:
+        rows = []
+        for u in range(units):
+            shared = rng.normal(0, 0.03)  # this subset's generator helps or hurts, by luck
+            for k in range(seeds_per_unit):
+                seed = u * seeds_per_unit + k
+                base = 0.6 + rng.normal(0, 0.01)
+                rows += [("base", seed, u, base), ("syn", seed, u, base + shared + rng.normal(0, 0.01))]
+        table = pd.DataFrame(rows, columns=["cell", "seed", "unit", "value"])
+        return table.assign(metric="test/f1_macro")
+
+    two = stats.compare(experiment(2, 10), {"syn": "base"}, n_resamples=99).iloc[0]
+    assert two["n"] == 20 and two["units"] == 2 and np.isnan(two["p"])
+    assert "2 independent unit(s) (< 5)" in two["note"]
+
+    # with 8 units of 4 seeds each, the unit-level test holds its level; the seed-level one does not
+    unit_level, seed_level = [], []
+    for _ in range(200):
+        table = experiment(8, 4)
+        unit_level.append(stats.compare(table, {"syn": "base"}, n_resamples=9).iloc[0]["p"] < 0.05)
+        seed_level.append(
+            stats.compare(table.drop(columns="unit"), {"syn": "base"}, n_resamples=9).iloc[0]["p"] < 0.05
+        )
+    assert np.mean(unit_level) <= 0.09
+    assert np.mean(seed_level) >= 0.3
+
+
+def test_probability_of_improvement_verdicts_and_detectable_effect():
+    rng = np.random.default_rng(8)
+    base = rng.uniform(0.5, 0.7, 12)
+    table = {("base", "test/f1_macro"): dict(enumerate(base))}
+    table[("better", "test/f1_macro")] = dict(enumerate(base + 0.05 + rng.normal(0, 0.005, 12)))
+    table[("same", "test/f1_macro")] = dict(enumerate(base + rng.normal(0, 0.001, 12)))
+    table[("noisy", "test/f1_macro")] = dict(enumerate(base + rng.normal(0, 0.08, 12)))
+    table[("worse", "test/f1_macro")] = dict(enumerate(base - 0.05 + rng.normal(0, 0.005, 12)))
+    comparison = stats.compare(
+        long_table(table), {c: "base" for c in ["better", "same", "noisy", "worse"]}, n_resamples=999
+    ).set_index("cell")
+    assert comparison["verdict"].to_dict() == {
+        "better": "better",
+        "same": "equivalent",
+        "noisy": "inconclusive",
+        "worse": "worse",
+    }
+    assert comparison.at["better", "p_improve"] == 1.0 and comparison.at["worse", "p_improve"] == 0.0
+    assert comparison.at["noisy", "p_improve_low"] < 0.5 < comparison.at["noisy", "p_improve_high"]
+    assert comparison.at["noisy", "mde"] > comparison.at["same", "mde"] > 0
+    assert comparison["p_min"].eq(2 * 0.5**12).all()
+
+    # a lower-is-better metric: a drop in cross-entropy is the improvement
+    ce = long_table(
+        {
+            ("base", "test/cross_entropy"): dict(enumerate(base)),
+            ("syn", "test/cross_entropy"): dict(enumerate(base - 0.05 + rng.normal(0, 0.005, 12))),
+        }
+    )
+    row = stats.compare(ce, {"syn": "base"}, n_resamples=99).iloc[0]
+    assert row["verdict"] == "better" and row["p_improve"] == 1.0
+
+
+def test_smallest_reachable_p_and_mde_at_five_units():
+    # a two-sided Wilcoxon with 5 units cannot go below 0.0625: nothing at n = 5 is "significant at 0.05"
+    assert stats.smallest_p(5) == 0.0625
+    results = long_table(
+        {
+            ("base", "test/f1_macro"): dict(enumerate([0.5, 0.55, 0.6, 0.52, 0.58])),
+            ("syn", "test/f1_macro"): dict(enumerate([0.6, 0.66, 0.72, 0.65, 0.72])),
+        }
+    )
+    row = stats.compare(results, {"syn": "base"}, n_resamples=99).iloc[0]
+    assert row["p"] == pytest.approx(0.0625) and row["p_min"] == 0.0625 and row["mde"] == np.inf
+    assert stats.detectable_effect(0.02, 10) == pytest.approx(
+        (scipy.stats.t.ppf(0.975, 9) + scipy.stats.t.ppf(0.8, 9)) * 0.02 / np.sqrt(10)
+    )
+
+
+def test_holm_leaves_refused_tests_out_of_the_family():
+    np.testing.assert_allclose(stats.holm([0.01, np.nan, 0.04]), [0.02, np.nan, 0.04])

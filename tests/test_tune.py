@@ -9,7 +9,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from synaug.data import ClassificationData
-from synaug.experiment import search
+from synaug.experiment import label, search
 from synaug.generators.transform import transform_generate
 from synaug.tune import tune
 
@@ -19,9 +19,14 @@ MODEL = {
 }
 
 
+FITS: list[dict] = []
+
+
 def stand_in_fit(config: dict, metric: str, report) -> float:
     """Instead of training: a value that falls with the malignant ratio, reported over three 'epochs'."""
-    value = 1 - config["data"]["synthetic_ratio"]["malignant"]
+    FITS.append(config["data"])
+    ratio = config["data"].get("synthetic_ratio", {})
+    value = 1 - (ratio.get("malignant", 0.0) if isinstance(ratio, dict) else ratio)
     for epoch in range(3):
         if report(epoch, value):
             raise optuna.TrialPruned()
@@ -108,13 +113,20 @@ def test_rerun_resumes_the_study_then_tests_the_best_against_its_baseline(tuned,
     (parent,) = search(client, exp_id, {"level": "experiment"})
     assert parent.data.tags["optuna.best_trial"] == str(best.number)
     results = pd.read_csv(tmp_path / "outputs" / "experiments" / "ratio-test" / "results.csv")
-    tuned_cell = f"basic_cnn/none/real=1/tuned@malignant:{best.params['ratio/malignant']:.3g}"
+    ratio = label(best.params["ratio/malignant"])
+    tuned_cell = f"basic_cnn/none/real=1/tuned@malignant:{ratio}"
+    controls = [
+        f"basic_cnn/none/real=1/{c}@malignant:{ratio}" for c in ("duplicate-real", "transform-medical")
+    ]
     assert results.groupby("cell")["seed"].nunique().to_dict() == {
         "basic_cnn/none/real=1/none": 2,
         tuned_cell: 2,
+        **dict.fromkeys(controls, 2),
     }
     comparison = pd.read_csv(tmp_path / "outputs" / "experiments" / "ratio-test" / "comparison.csv")
-    assert set(comparison["cell"]) == {tuned_cell}
+    assert set(comparison["cell"]) == {tuned_cell, *controls}
+    against = comparison.loc[comparison["cell"] == tuned_cell, "baseline"]
+    assert set(against) == {"basic_cnn/none/real=1/none", *controls}
 
 
 def test_median_pruner_stops_a_trial_below_the_median(args):
@@ -139,3 +151,24 @@ def test_median_pruner_stops_a_trial_below_the_median(args):
     assert [
         m.step for m in mlflow.MlflowClient().get_metric_history(runs[1].info.run_id, "intermediate")
     ] == [0, 1]
+
+
+def test_a_configuration_is_evaluated_once_and_the_reference_always(args):
+    # main, on a grid of 5 ratios: 4 trials tried only 0.5 and 0.75, each twice with bit-identical results,
+    # and never 0
+    FITS.clear()
+    study = optuna.create_study(study_name="grid", storage=args["storage"], direction="maximize")
+    for r in (0.1, 0.3, 0.1, 0.3):
+        study.enqueue_trial({"ratio/malignant": r})
+    tune("grid", **args | {"ratio_step": 0.1}, n_trials=4, evaluate_seeds=0, fit="test_tune:stand_in_fit")
+    trials = optuna.load_study(study_name="grid", storage=args["storage"]).trials
+    assert [t.user_attrs.get("reused_from") for t in trials] == [None, None, 0, 1]
+    assert [t.value for t in trials] == pytest.approx([0.9, 0.7, 0.9, 0.7])
+    ratios = [d.get("synthetic_ratio") for d in FITS]
+    assert ratios == [None, {"malignant": 0.1}, {"malignant": 0.3}]  # the reference first, then each once
+    study = optuna.load_study(study_name="grid", storage=args["storage"])
+    assert study.user_attrs["reference"] == pytest.approx(1.0)
+    client = mlflow.MlflowClient()
+    exp_id = client.get_experiment_by_name("grid").experiment_id
+    (reference,) = search(client, exp_id, {"level": "reference"})
+    assert reference.data.tags["generator"] == "none"

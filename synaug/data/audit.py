@@ -1,14 +1,16 @@
 """`synaug data audit ROOT`: what is in a dataset before anything is trained on it.
 
-Counts per class and split, the imbalance ratio, unreadable files, exact duplicates (same bytes, sha256) and
-near duplicates (perceptual difference hash within `near_threshold` bits) within and across splits, and label
-conflicts among duplicates. `write_clean` writes a CSV manifest with every validation/test image that has an
-exact twin in an earlier split (train, then val) removed; the source files are not touched.
+Counts per class and split, classes absent from a split, the imbalance ratio, unreadable files, exact duplicates
+(same bytes, sha256) and near duplicates (perceptual difference hash within `near_threshold` bits; groups of
+bounded diameter that do not chain, `synaug.data.twins`) within and across splits, and label conflicts among
+duplicates. `write_clean` writes a CSV manifest with every validation/test image that has an exact twin in an
+earlier split (train, then val) removed; the source files are not touched. With `strict` (the default) the
+command exits with status 1 when a file is unreadable or a class is missing from a split, so that a pipeline
+can gate on it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,50 +18,11 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from synaug.data.images import BadImageError, open_image, to_mode
+from synaug.data.images import BadImageError, open_image
 from synaug.data.sources import load_source
+from synaug.data.twins import NEAR_BITS, bounded_groups, dhash, near_pairs  # noqa: F401 (re-exported)
 
 SPLIT_ORDER = {"train": 0, "val": 1, "test": 2, "": 0}
-
-
-def dhash(img: Image.Image, size: int = 16) -> np.ndarray:
-    """Difference hash: the signs of horizontal gradients of a (size+1) x size grey thumbnail, as uint64 words.
-    Robust to resizing, recompression and small intensity changes; not to crops or flips. 16 x 16 = 256 bits:
-    the common 8 x 8 hash cannot tell apart brain MRI slices of different patients, which all look alike at
-    that scale."""
-    a = np.asarray(to_mode(img, 1).resize((size + 1, size), Image.Resampling.BILINEAR), dtype=np.int16)
-    return np.packbits((a[:, 1:] > a[:, :-1]).ravel()).view(">u8").astype(np.uint64)
-
-
-def near_pairs(hashes: np.ndarray, threshold: int, chunk: int = 512) -> list[tuple[int, int]]:
-    """All pairs i < j whose hashes (n, words) differ in at most `threshold` bits."""
-    pairs = []
-    for start in range(0, len(hashes), chunk):
-        block = hashes[start : start + chunk]
-        dist = np.bitwise_count(block[:, None, :] ^ hashes[None, :, :]).sum(-1, dtype=np.int32)
-        i, j = np.nonzero(dist <= threshold)
-        i += start
-        keep = i < j
-        pairs += zip(i[keep].tolist(), j[keep].tolist(), strict=True)
-    return pairs
-
-
-def _groups(n: int, pairs: list[tuple[int, int]]) -> list[list[int]]:
-    """Connected components of the pair graph (union-find), groups of 2 or more."""
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for a, b in pairs:
-        parent[find(a)] = find(b)
-    comp = defaultdict(list)
-    for i in range(n):
-        comp[find(i)].append(i)
-    return [g for g in comp.values() if len(g) > 1]
 
 
 def _describe(items: pd.DataFrame, groups: list[list[int]]) -> dict:
@@ -81,9 +44,10 @@ def _describe(items: pd.DataFrame, groups: list[list[int]]) -> dict:
 def audit(
     root: str,
     write_clean: str | None = None,
-    near_threshold: int = 10,
+    near_threshold: int = NEAR_BITS,
     data_root: str | None = None,
     report: str | None = None,
+    strict: bool = True,
 ) -> dict:
     """Audit a dataset (image folder, MedMNIST .npz or CSV manifest) and print the findings.
 
@@ -96,6 +60,8 @@ def audit(
             neighbouring slices of the same patient start to match.
         data_root: for CSV sources, the folder their paths are relative to.
         report: also write the findings as JSON to this file.
+        strict: exit with status 1 (after reporting everything) when a file is unreadable or a class has no
+            image in a split.
     """
     src = load_source(root, data_root=data_root, carve=False)
     items = src.items.copy()
@@ -122,11 +88,18 @@ def audit(
     counts.index = [classes[i] for i in counts.index]
     train_counts = counts["train"] if "train" in counts else counts.sum(axis=1)
     exact = [list(g) for g in items.groupby("sha256").indices.values() if len(g) > 1]
-    good = np.flatnonzero(ok)
-    hashes = np.stack([scanned[i][0] for i in good])
+    hashes = np.stack([h if h is not None else np.zeros(4, np.uint64) for h, _ in scanned])
     sha = items["sha256"].to_numpy()
-    near = [[good[a], good[b]] for a, b in near_pairs(hashes, near_threshold) if sha[good[a]] != sha[good[b]]]
-    near_groups = _groups(len(items), near)
+    group = bounded_groups(hashes, near_threshold, ok)
+    # near groups: bounded groups of readable images holding more than one distinct file
+    near_groups = [
+        list(g)
+        for g in pd.Series(np.arange(len(items))).groupby(group).groups.values()
+        if len(g) > 1 and ok[list(g)].all() and len(set(sha[list(g)])) > 1
+    ]
+    absent = {
+        s: [c for c in classes if counts.at[c, s] == 0] for s in counts.columns if (counts[s] == 0).any()
+    }
     findings = {
         "root": str(root),
         "images": len(items),
@@ -134,6 +107,7 @@ def audit(
         "counts": counts.to_dict(),
         "imbalance_ratio": float(train_counts.max() / train_counts.min()),
         "unreadable": unreadable,
+        "absent_classes": absent,
         "exact_duplicates": _describe(items, exact),
         "near_duplicates": _describe(items, near_groups) | {"threshold_bits": near_threshold},
     }
@@ -141,6 +115,8 @@ def audit(
     print(f"{root}: {len(items)} images, {len(classes)} classes")
     print(counts.to_string())
     print(f"imbalance ratio (largest / smallest training class): {findings['imbalance_ratio']:.2f}")
+    for split, missing in absent.items():
+        print(f"PROBLEM: class(es) {missing} have no image in the {split} split")
     print(f"unreadable files: {len(unreadable)}")
     for e in unreadable:
         print(f"  {e}")
@@ -182,4 +158,7 @@ def audit(
         import json
 
         Path(report).write_text(json.dumps(findings, indent=2, default=str))
+    if strict and (unreadable or absent):
+        print(f"audit failed: {len(unreadable)} unreadable file(s), classes missing from {sorted(absent)}")
+        raise SystemExit(1)
     return findings

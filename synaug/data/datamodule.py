@@ -30,6 +30,7 @@ from synaug.data.mixing import TrainingSet, epoch_order, plan
 from synaug.data.sources import DataError, ImageSource, OnBad, decode_all, load_source
 from synaug.data.synthetic import SyntheticSource, read_synthetic
 from synaug.data.transforms import BatchAugment, Policy, policy_transform
+from synaug.data.twins import NEAR_BITS, array_hash, distances, has_near_twin, source_hashes
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,13 @@ class ClassificationData(L.LightningDataModule):
         test_fraction: float = 0.2,
         split_seed: int = 0,
         data_root: str | None = None,
-        drop_test_twins: bool = True,
+        group_pattern: str | None = None,
+        drop_test_twins: Literal["near", "exact", "none"] = "near",
+        near_threshold: int = NEAR_BITS,
+        near_twin_warn: float = 0.05,
+        min_eval_per_class: int = 1,
+        allow_unrecorded_train_set: bool = False,
+        leak_bits: int = 0,
         on_bad_image: OnBad = "error",
         loader: Literal["auto", "memory", "dataloader"] = "auto",
         memory_budget_gb: float = 8.0,
@@ -78,7 +85,22 @@ class ClassificationData(L.LightningDataModule):
             selection: a selection manifest (`synaug sample`): train only on the images whose `id` it lists.
             val_fraction, test_fraction, split_seed: carving of missing splits (see `load_source`).
             data_root: the folder CSV manifest paths are relative to (default: the CSV's folder).
-            drop_test_twins: leave out validation/test images that have a byte-identical twin in train.
+            group_pattern: a regular expression on file names naming each image's subject (patient), its first
+                capture group; a CSV manifest names them in a `group` column. Carving keeps a group on one side.
+            drop_test_twins: leave out validation/test images that have a twin in train (test: in train or
+                validation): `near` (within `near_threshold` bits of perceptual hash, across classes; exact
+                copies included), `exact` (same bytes) or `none`. The numbers left out are logged, and twins
+                with different labels reported.
+            near_threshold: perceptual-hash bits (of 256) within which two images are near twins.
+            near_twin_warn: warn (and tag the MLflow run) when more than this share of the validation/test
+                images, as split, have a near twin in train: images of one subject on both sides, most likely.
+            min_eval_per_class: the fewest validation and test images a class may have (after twins are left
+                out); fewer is an error, since its recall and F1 would be noise or undefined.
+            allow_unrecorded_train_set: accept a learned generator's images whose manifest records no training
+                set (so the leakage guard cannot check it); recorded as the run's tag
+                `synthetic_unrecorded_train_set`.
+            leak_bits: a synthetic image within this many perceptual-hash bits of a validation or test image (0:
+                the same hash) is refused, as is one with identical decoded pixels.
             on_bad_image: `error` stops at the first unreadable image, naming it; `skip` leaves such images out
                 and counts them (`skipped`).
             loader: `memory`, `dataloader`, or `auto` (memory when the decoded table fits `memory_budget_gb`).
@@ -98,6 +120,8 @@ class ClassificationData(L.LightningDataModule):
             test_fraction=h.test_fraction,
             seed=h.split_seed,
             data_root=h.data_root,
+            group_pattern=h.group_pattern,
+            near_threshold=h.near_threshold,
         )
 
     @property
@@ -122,14 +146,46 @@ class ClassificationData(L.LightningDataModule):
         training images outside `selection` marked `unselected`."""
         h = self.hparams
         items = self.source.items.copy()
-        self.dropped_twins = 0
-        if h.drop_test_twins:
-            seen = lambda splits: items["sha256"].isin(items.loc[items["split"].isin(splits), "sha256"])  # noqa: E731
-            twin = ((items["split"] == "val") & seen(["train"])) | (
-                (items["split"] == "test") & seen(["train", "val"])
+        split, label = items["split"].to_numpy(), items["label"].to_numpy()
+        hashes, ok = source_hashes(self.source)
+        train, val = np.flatnonzero(split == "train"), np.flatnonzero(split == "val")
+        held = np.flatnonzero(np.isin(split, ["val", "test"]))
+        # measured on the split as given or carved, before any twin is left out
+        self.near_twin_rate = float(has_near_twin(hashes, held, train[ok[train]], h.near_threshold).mean())
+        if self.near_twin_rate > h.near_twin_warn:
+            log.warning(
+                "%.0f%% of the validation/test images have a near twin in train (within %d bits of perceptual "
+                "hash): images of one subject (patient) are likely on both sides of the split, which inflates "
+                "every test metric. Supply groups: a `group` column in a CSV manifest, or data.group_pattern "
+                "for a folder.",
+                100 * self.near_twin_rate,
+                h.near_threshold,
             )
+        self.dropped_twins = 0
+        if h.drop_test_twins != "none":
+            if h.drop_test_twins == "exact":
+                seen = lambda splits: items["sha256"].isin(items.loc[items["split"].isin(splits), "sha256"])  # noqa: E731
+                twin = (
+                    ((items["split"] == "val") & seen(["train"]))
+                    | ((items["split"] == "test") & seen(["train", "val"]))
+                ).to_numpy()
+            else:
+                twin = np.zeros(len(items), dtype=bool)
+                for s, before in (("val", train), ("test", np.concatenate([train, val]))):
+                    rows = np.flatnonzero((split == s) & ok)
+                    twin[rows] = has_near_twin(hashes, rows, before[ok[before]], h.near_threshold)
+            conflicts = self._label_conflicts(hashes, ok, np.flatnonzero(twin), np.concatenate([train, val]))
             self.dropped_twins = int(twin.sum())
+            log.warning(
+                "drop_test_twins=%s: left out %d validation and %d test image(s) with a twin in an earlier "
+                "split; %d of them with a different label than their twin (label conflicts)",
+                h.drop_test_twins,
+                int((twin & (split == "val")).sum()),
+                int((twin & (split == "test")).sum()),
+                conflicts,
+            )
             items.loc[twin, "split"] = "twin"
+        self._check_eval_counts(items, label)
         if h.selection:
             ids = set(pd.read_csv(h.selection, dtype=str)["id"])
             unknown = ids - set(items["id"])
@@ -140,6 +196,31 @@ class ClassificationData(L.LightningDataModule):
             items.loc[(items["split"] == "train") & ~items["id"].isin(ids), "split"] = "unselected"
         return items
 
+    def _label_conflicts(self, hashes, ok, twins: np.ndarray, earlier: np.ndarray) -> int:
+        """How many of the `twins` have a twin in `earlier` with another label."""
+        label = self.source.items["label"].to_numpy()
+        earlier = earlier[ok[earlier]]
+        if not len(twins) or not len(earlier):
+            return 0
+        near = distances(hashes[twins], hashes[earlier]) <= self.hparams.near_threshold
+        sha = self.source.items["sha256"].to_numpy()
+        near |= sha[twins][:, None] == sha[earlier][None, :]
+        return int((near & (label[twins][:, None] != label[earlier][None, :])).any(axis=1).sum())
+
+    def _check_eval_counts(self, items: pd.DataFrame, label: np.ndarray) -> None:
+        """A class with fewer than `min_eval_per_class` validation or test images is an error, not a metric."""
+        need = self.hparams.min_eval_per_class
+        for s in ("val", "test"):
+            counts = np.bincount(label[items["split"].to_numpy() == s], minlength=self.num_classes)
+            short = {self.class_names[c]: int(n) for c, n in enumerate(counts) if n < need}
+            if short:
+                raise DataError(
+                    f"{self.hparams.root}: class(es) with fewer than {need} {s} image(s) "
+                    f"(min_eval_per_class): {short}. Add images of these classes, raise "
+                    f"{'val' if s == 'val' else 'test'}_fraction when splits are carved, supply a {s} split, "
+                    "or lower data.min_eval_per_class knowingly"
+                )
+
     def training_set(self, **mixing) -> tuple[SyntheticSource | None, TrainingSet]:
         """The synthetic source and the training set `plan` chooses, decoding no image. `mixing` replaces this
         run's mixing settings (`real_fraction`, `synthetic`, `subset_seed`, ...): one DataModule checks the
@@ -147,7 +228,14 @@ class ClassificationData(L.LightningDataModule):
         h = {**self.hparams, **mixing}
         syn = self._synthetic(h["synthetic"])
         keys = ("real_fraction", "real_count", "synthetic_ratio", "augment_classes", "replace_prob", "seed")
-        ts = plan(self.items, self.class_names, syn, **{k: h[k] for k in keys}, subset_seed=h["subset_seed"])
+        ts = plan(
+            self.items,
+            self.class_names,
+            syn,
+            **{k: h[k] for k in keys},
+            subset_seed=h["subset_seed"],
+            allow_unrecorded_train_set=h["allow_unrecorded_train_set"],
+        )
         return syn, ts
 
     def setup(self, stage: str | None = None) -> None:
@@ -183,6 +271,13 @@ class ClassificationData(L.LightningDataModule):
         keep, self.images = self._load(table)
         self.skipped = table.loc[~keep, "id"].tolist()
         table = table[keep].reset_index(drop=True)
+        self.table = table  # `load_row` reads through it
+        try:
+            self._refuse_leaks(table)
+        except DataError:
+            self.table = None
+            raise
+        self._tag_run()
 
         row = {
             (bool(sy), int(k)): r
@@ -205,6 +300,50 @@ class ClassificationData(L.LightningDataModule):
         if self.skipped:
             log.warning("skipped %d unreadable image(s) (on_bad_image=skip)", len(self.skipped))
         log.info("training set per class:\n%s", self.counts.to_string())
+
+    def _refuse_leaks(self, table: pd.DataFrame) -> None:
+        """Refuse any synthetic image whose decoded pixels, or perceptual hash, equal a validation or test
+        image's: declared provenance can be missing or wrong, the pixels cannot."""
+        syn = np.flatnonzero(table["synthetic"].to_numpy())
+        held = np.flatnonzero(table["split"].isin(["val", "test"]).to_numpy())
+        if not len(syn):
+            return
+        pixels = {r: self.load_row(int(r)) for r in np.concatenate([syn, held])}
+        digest = {r: hashlib.sha256(a.tobytes()).hexdigest() for r, a in pixels.items()}
+        hashes = np.zeros((len(table), 4), dtype=np.uint64)
+        for r, a in pixels.items():
+            hashes[r] = array_hash(a)
+        by_digest = {digest[r]: r for r in held}
+        close = distances(hashes[syn], hashes[held]) <= self.hparams.leak_bits if len(held) else None
+        for k, r in enumerate(syn):
+            match = by_digest.get(digest[r])
+            if match is None and close is not None and close[k].any():
+                match = held[np.argmax(close[k])]
+            if match is not None:
+                raise DataError(
+                    f"synthetic image {table.at[r, 'id']} matches {table.at[match, 'split']} image "
+                    f"{table.at[match, 'id']} ({'pixel-identical' if digest[r] == digest[match] else 'same perceptual hash'}): "
+                    "validation and test must stay unseen; remove it from the synthetic folder"
+                )
+
+    def _tag_run(self) -> None:
+        """What a reader of the run must know about its data, as MLflow tags (when the run logs to MLflow)."""
+        logger = self.trainer.logger if self.trainer is not None else None
+        if logger is None or not hasattr(logger, "run_id") or not hasattr(logger.experiment, "set_tag"):
+            return
+        tags = {
+            "data/near_twin_rate": f"{self.near_twin_rate:.4f}",
+            "data/dropped_twins": str(self.dropped_twins),
+        }
+        if self.near_twin_rate > self.hparams.near_twin_warn:
+            tags["data/near_twin_warning"] = (
+                f"{100 * self.near_twin_rate:.0f}% of validation/test images have a near twin in train; "
+                "supply groups (CSV `group` column or data.group_pattern)"
+            )
+        if self.hparams.allow_unrecorded_train_set:
+            tags["synthetic_unrecorded_train_set"] = "allowed"
+        for k, v in tags.items():
+            logger.experiment.set_tag(logger.run_id, k, v)
 
     def _synthetic(self, folders: list[str] | None) -> SyntheticSource | None:
         if not folders:

@@ -7,7 +7,9 @@ Counts, for each class c with n_c real training images:
 So "double the glioma class" is ratio 1.0 for glioma, and "80% real + 20% synthetic" is real_fraction 0.8 with
 synthetic_ratio 0.25 (0.2 of the class's images, relative to the 0.8 that are real).
 The real subset is drawn with `subset_seed`, the synthetic images with `seed`: several classifier seeds can
-share one real subset (and the generator trained on it).
+share one real subset (and the generator trained on it). Each class has its own permutation per subset seed and
+a fraction takes its prefix, so subsets are nested (the 0.2 subset lies inside the 0.4 one: a learning curve
+adds images rather than redrawing them) and one class's fraction never changes another's images.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def plan(
     replace_prob: float = 0.0,
     seed: int = 0,
     subset_seed: int | None = None,
+    allow_unrecorded_train_set: bool = False,
 ) -> TrainingSet:
     """Choose the training set. `real_items` is the real source's table (all splits; train rows are used)."""
     frac = per_class(real_fraction, classes, 1.0, "real_fraction")
@@ -72,7 +75,7 @@ def plan(
     if replace_prob and synthetic is None:
         raise DataError("replace_prob > 0 needs a synthetic source with image-conditioned variants")
 
-    sub_rng = np.random.default_rng(seed if subset_seed is None else subset_seed)
+    subset_seed = seed if subset_seed is None else subset_seed
     labels, split = real_items["label"].to_numpy(), real_items["split"].to_numpy()
     real, rows = [], []
     for c, name in enumerate(classes):
@@ -82,7 +85,7 @@ def plan(
         selected_out = k == 0 == len(pool) and ((labels == c) & (split == "unselected")).any()
         if not 1 <= k <= len(pool) and not selected_out:
             raise DataError(f"class '{name}': asked for {k} real training images, {len(pool)} available")
-        real.append(np.sort(sub_rng.choice(pool, k, replace=False)))
+        real.append(np.sort(np.random.default_rng([subset_seed, c]).permutation(pool)[:k]))
         rows.append((name, len(pool), k))
     if real_count:
         per_class(dict.fromkeys(real_count, 0.0), classes, 0.0, "real_count")
@@ -92,7 +95,7 @@ def plan(
     if synthetic is None:
         return TrainingSet(real, np.empty(0, np.int64), counts=counts)
 
-    usable = guard(real_items, real, synthetic)
+    usable = guard(real_items, real, synthetic, allow_unrecorded_train_set)
     rng = np.random.default_rng(seed)
     syn_labels = synthetic.items["label"].to_numpy()
     chosen = []
@@ -119,9 +122,17 @@ def plan(
     return TrainingSet(real, np.concatenate(chosen), variants, counts)
 
 
-def guard(real_items: pd.DataFrame, kept: np.ndarray, synthetic: SyntheticSource) -> np.ndarray:
+def guard(
+    real_items: pd.DataFrame,
+    kept: np.ndarray,
+    synthetic: SyntheticSource,
+    allow_unrecorded_train_set: bool = False,
+) -> np.ndarray:
     """Leakage guard. Returns which synthetic images may be used with this training set.
 
+    - from a learned generator (its manifest names a checkpoint) that records neither a training set nor source
+      images: refused unless `allow_unrecorded_train_set`, since nothing says it never saw validation/test
+      images (the datamodule also refuses pixel copies of them, whatever the manifest says);
     - derived from (or learned from) a validation or test image: refused, naming the image;
     - a generator that learned from real images outside this training set (a reduced real set): refused,
       since its images carry the withheld ones into training;
@@ -130,6 +141,16 @@ def guard(real_items: pd.DataFrame, kept: np.ndarray, synthetic: SyntheticSource
     split = dict(zip(real_items["id"], real_items["split"], strict=True))
     kept_ids = set(real_items["id"].to_numpy()[kept])
     usable = np.ones(len(synthetic.items), dtype=bool)
+    rows = synthetic.items
+    unrecorded = (rows["checkpoint"] != "") & (rows["train_set"] == "") & (rows["source"] == "")
+    if unrecorded.any() and not allow_unrecorded_train_set:
+        first = rows[unrecorded].iloc[0]
+        raise DataError(
+            f"synthetic source {synthetic.folder}: {int(unrecorded.sum())} image(s) from the learned generator "
+            f"{first['generator']!r} (checkpoint {first['checkpoint'][:12]}) record no training set, so nothing "
+            "shows it never learned from validation/test images; export it with its training set, or pass "
+            "data.allow_unrecorded_train_set: true (recorded as a tag on the run)"
+        )
     for fp in sorted(set(synthetic.items["train_set"]) - {""}):
         ids = synthetic.train_ids(fp)
         held = [i for i in ids if split.get(i) in ("val", "test")]

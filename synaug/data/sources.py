@@ -3,13 +3,17 @@
 `load_source(path)` returns an `ImageSource`: its class names, a table of items (`id`, `label`, `split`,
 `path`), a content fingerprint and `decode()`. Splits are `train`, `val` and `test`. Where the source has no
 validation split, one is carved from train; where it has no splits at all, train/val/test are carved. Carving
-is seeded, stratified by class, and keeps byte-identical files together so a twin cannot sit on both sides.
+is seeded, stratified by class, and assigns whole groups to one side: the subject (patient) groups the source
+names (a `group` column in a CSV manifest, or `group_pattern` on file names), else near-duplicate groups
+(perceptual hash, bounded diameter, across classes; `synaug.data.twins`), so that neither a patient nor a
+re-encoded copy of an image sits on both sides. Medical practice splits by patient, not by image.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 from synaug.cache import cached_tensors
 from synaug.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
+from synaug.data.twins import NEAR_BITS, bounded_groups, source_hashes
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -152,11 +157,17 @@ def load_source(
     classes: Sequence[str] | None = None,
     data_root: str | Path | None = None,
     carve: bool = True,
+    group_pattern: str | None = None,
+    near_threshold: int = NEAR_BITS,
 ) -> ImageSource:
-    """Open a folder, a MedMNIST `.npz` or a CSV manifest (`path,label[,split]`) as an ImageSource.
+    """Open a folder, a MedMNIST `.npz` or a CSV manifest (`path,label[,split][,group]`) as an ImageSource.
 
     CSV paths are relative to `data_root` (default: the CSV's folder) and may not point outside it.
     `carve=False` keeps the splits exactly as the source has them (what `synaug data audit` reports on).
+    `group_pattern`: a regular expression on file names whose first capture group (else the whole match) names
+    the subject, e.g. `^(P\\d+)_` for `P012_slice07.png`; a name it does not match is an error.
+    `near_threshold`: hash bits within which images are near duplicates, grouped for carving when the source
+    names no subjects.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -169,7 +180,16 @@ def load_source(
         raise DataError(f"data source not found: {path}")
     else:
         raise DataError(f"{path}: not a folder, .npz or .csv data source")
-    return _carve_splits(src, val_fraction, test_fraction, seed) if carve else src
+    if group_pattern:
+        names = [Path(i).name for i in src.items["id"]]
+        found = [re.search(group_pattern, n) for n in names]
+        missed = [n for n, m in zip(names, found, strict=True) if m is None]
+        if missed:
+            raise DataError(
+                f"{path}: group_pattern {group_pattern!r} does not match {len(missed)} file(s), e.g. {missed[0]}"
+            )
+        src.items["group"] = [m.group(1) if m.groups() else m.group(0) for m in found]
+    return _carve_splits(src, val_fraction, test_fraction, seed, near_threshold) if carve else src
 
 
 def _list_images(folder: Path) -> list[Path]:
@@ -236,12 +256,25 @@ def _from_csv(path: Path, root: Path) -> ImageSource:
     items = pd.DataFrame(
         {"id": table["path"], "label": table["label"].map(classes.index), "split": split, "path": resolved}
     )
+    if "group" in table:  # the subject (patient) of each image: carving keeps a group on one side
+        if (table["group"] == "").any():
+            raise DataError(
+                f"{path}: the group column is empty for {int((table['group'] == '').sum())} row(s)"
+            )
+        items["group"] = table["group"].to_numpy()
     return ImageSource(root, classes, items)
 
 
-def _carve_splits(src: ImageSource, val_fraction: float, test_fraction: float, seed: int) -> ImageSource:
+def _carve_splits(
+    src: ImageSource, val_fraction: float, test_fraction: float, seed: int, near_threshold: int = NEAR_BITS
+) -> ImageSource:
     items = src.items.copy()
     unsplit = items["split"] == ""
+    if not unsplit.any() and (items["split"] == "val").any():
+        return src
+    if "group" not in items:  # no subjects named: near-duplicate groups (which hold exact twins too)
+        hashes, ok = source_hashes(src)
+        items["group"] = bounded_groups(hashes, near_threshold, ok).astype(str)
     if unsplit.any():
         items.loc[unsplit, "split"] = _group_split(
             items[unsplit], {"test": test_fraction, "val": val_fraction}, seed
@@ -258,14 +291,17 @@ def _carve_splits(src: ImageSource, val_fraction: float, test_fraction: float, s
 
 
 def _group_split(items: pd.DataFrame, fractions: dict[str, float], seed: int) -> np.ndarray:
-    """Seeded split, stratified by label, assigning whole groups of byte-identical files."""
+    """Seeded split, stratified by label, assigning whole groups (`group`, across classes: a group counts
+    towards the class most of its images have)."""
     rng = np.random.default_rng(seed)
     out = np.full(len(items), "train", dtype=object)
     pos = {i: k for k, i in enumerate(items.index)}
-    for _, cls in items.groupby("label"):
-        groups = list(cls.groupby("sha256").groups.values())
+    major = items.groupby("group")["label"].agg(lambda s: s.mode().iloc[0])
+    members = items.groupby("group").groups
+    for _, group_names in major.groupby(major, sort=True):
+        groups = [members[g] for g in group_names.index]
         rng.shuffle(groups)
-        n, taken = len(cls), 0
+        n, taken = int(sum(map(len, groups))), 0
         for split, frac in fractions.items():
             want, got = round(frac * n), 0
             while groups and got < want:

@@ -8,14 +8,26 @@ import torch
 import torch.nn as nn
 from torchvision.transforms import v2
 
-Policy = Literal["none", "hflip", "autoaugment", "randaugment", "trivialaugment"]
+Policy = Literal["none", "hflip", "medical", "autoaugment", "randaugment", "trivialaugment"]
 
 
 def policy_transform(name: Policy) -> nn.Module:
-    """The per-image transform of a policy, on uint8 tensors (C, H, W) or batches."""
+    """The per-image transform of a policy, on uint8 tensors (C, H, W) or batches.
+
+    `medical` keeps what an intensity means in a medical image: a flip, a small affine (rotation, shift, scale)
+    and mild brightness/contrast; no inversion, solarisation, posterisation or equalisation, which ImageNet's
+    AutoAugment policy applies (it turns brains inverted). The ImageNet policies stay available to compare.
+    """
     return {
         "none": nn.Identity(),
         "hflip": v2.RandomHorizontalFlip(),
+        "medical": v2.Compose(
+            [
+                v2.RandomHorizontalFlip(),
+                v2.RandomAffine(degrees=10, translate=(0.05, 0.05), scale=(0.9, 1.1)),
+                v2.ColorJitter(brightness=0.1, contrast=0.1),
+            ]
+        ),
         "autoaugment": v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET),
         "randaugment": v2.RandAugment(),
         "trivialaugment": v2.TrivialAugmentWide(),

@@ -3,7 +3,8 @@
 Until the learned generators feed the experiment grids, a `transform` folder lets every grid run end to end, and
 it stays a baseline a generator has to beat: synthetic images that help no more than transformed copies of the
 real ones add nothing beyond conventional augmentation. Each image is one real training image of the chosen
-real subset through a policy (AutoAugment by default). The manifest records, per image, the real image it came
+real subset through a policy (`medical` by default: no inversion or posterisation, see
+`synaug.data.transforms`). The manifest records, per image, the real image it came
 from (`source`: the leakage guard and DA-Fusion's `replace_prob` use it) and, for the folder, the real training
 images it drew from (`train_sets/`): the guard then refuses the folder in a run whose real training set lacks
 any of them, so a reduced real set needs a folder made from that same subset (`real_fraction`, `subset_seed`).
@@ -34,7 +35,7 @@ def transform_generate(
     out: str,
     per_class: int | dict[str, int] | None = None,
     ratio: float | dict[str, float] | None = None,
-    policy: Policy = "autoaugment",
+    policy: Policy = "medical",
     image_size: int = 128,
     channels: Literal[1, 3] = 1,
     seed: int = 0,
@@ -92,7 +93,7 @@ def write_transforms(
     subset: np.ndarray,
     out: str | Path,
     counts: dict[str, int],
-    policy: Policy = "autoaugment",
+    policy: Policy = "medical",
     image_size: int = 128,
     channels: int = 1,
     seed: int = 0,

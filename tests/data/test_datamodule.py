@@ -45,7 +45,7 @@ def test_real_fraction_resamples_per_subset_seed(breast_npz):
     c, _ = ids(seed=1, subset_seed=0)
     assert a != b and a == c
     assert dm.counts["real_kept"].tolist() == [round(0.1 * 147), round(0.1 * 399)]
-    assert len(dm._rows("val")) == 78 and len(dm._rows("test")) == 156 - dm.dropped_twins
+    assert len(dm._rows("val")) + len(dm._rows("test")) == 78 + 156 - dm.dropped_twins
 
 
 def test_hflip_is_drawn_per_image_and_policies_keep_dtype():
@@ -112,3 +112,22 @@ def test_a_last_training_batch_of_one_image_is_left_out(breast_npz):
     dm = ClassificationData(str(breast_npz), image_size=28, batch_size=10, real_fraction=0.05)
     dm.setup()
     assert [len(b[2]) for b in dm.train_dataloader()] == [10, 10, 7]
+
+
+def test_the_run_is_tagged_with_its_near_twin_rate_and_any_provenance_override(breast_npz):
+    from types import SimpleNamespace
+
+    tags = {}
+    experiment = SimpleNamespace(set_tag=lambda run, k, v: tags.__setitem__((run, k), v))
+    dm = ClassificationData(
+        str(breast_npz), image_size=28, near_twin_warn=0.01, allow_unrecorded_train_set=True
+    )
+    dm.trainer = SimpleNamespace(logger=SimpleNamespace(run_id="r1", experiment=experiment))
+    dm.setup()
+    assert (
+        float(tags[("r1", "data/near_twin_rate")]) == pytest.approx(dm.near_twin_rate, abs=1e-4)
+        and dm.near_twin_rate > 0.01
+    )
+    assert "supply groups" in tags[("r1", "data/near_twin_warning")]
+    assert tags[("r1", "synthetic_unrecorded_train_set")] == "allowed"
+    assert int(tags[("r1", "data/dropped_twins")]) == dm.dropped_twins > 0

@@ -133,3 +133,63 @@ def test_validation_and_test_stay_real_in_the_datamodule(tmp_path, breast_npz):
         [b[2].numpy() for b in dm.val_dataloader()] + [b[2].numpy() for b in dm.test_dataloader()]
     )
     assert not t.loc[rows, "synthetic"].any()
+
+
+def test_the_medical_policy_never_inverts_an_image():
+    # ImageNet AutoAugment inverts, solarises and posterises: brains came out inverted. `medical` keeps the
+    # intensities' meaning: every output correlates positively with its input.
+    import torch
+
+    from synaug.data.transforms import policy_transform
+
+    y, x = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    image = ((((x - 32) ** 2 + (y - 32) ** 2) < 400) * 200 + 20).to(torch.uint8)[None]
+    medical, imagenet = policy_transform("medical"), policy_transform("autoaugment")
+    corr = lambda a: torch.corrcoef(torch.stack([a.float().ravel(), image.float().ravel()]))[0, 1]  # noqa: E731
+    torch.manual_seed(0)
+    assert min(corr(medical(image)) for _ in range(200)) > 0.5
+    assert min(corr(imagenet(image)) for _ in range(200)) < 0  # the ImageNet policy does invert
+
+
+def test_real_subsets_are_nested_and_per_class():
+    # main drew every class from one stream: changing one class's fraction redrew the others, and the 0.2
+    # and 0.4 subsets shared 46 of 109 images
+    real = _real(n=(100, 60, 40))
+    labels = real["label"].to_numpy()
+
+    def kept(**kw):
+        return plan(real, CLASSES, subset_seed=3, **kw).real
+
+    small, large = set(kept(real_fraction=0.2)), set(kept(real_fraction=0.4))
+    assert small < large
+    a, b = kept(real_fraction=0.5), kept(real_fraction={"glioma": 0.2, "meningioma": 0.5, "notumor": 0.5})
+    assert (a[labels[a] != 0] == b[labels[b] != 0]).all()  # glioma's fraction leaves the others' images alone
+    assert set(kept(real_fraction=0.5)) != set(plan(real, CLASSES, subset_seed=4, real_fraction=0.5).real)
+
+
+def test_a_learned_export_that_records_no_training_set_is_refused(tmp_path):
+    w = SyntheticWriter(tmp_path / "syn", "diffusion", "run0", checkpoint="ab" * 32)  # no train_ids
+    for cls in CLASSES:
+        for i in range(10):
+            w.write(np.full((1, 4, 4), i, np.uint8), cls, i, seed=i)
+    syn = read_synthetic(tmp_path / "syn", CLASSES)
+    with pytest.raises(DataError, match="learned generator 'diffusion'.*record no training set"):
+        plan(_real(), CLASSES, syn, synthetic_ratio=0.1)
+    ts = plan(_real(), CLASSES, syn, synthetic_ratio=0.1, allow_unrecorded_train_set=True)
+    assert len(ts.synthetic) == 4 + 2 + 1
+
+
+def test_pixel_copies_of_test_images_are_refused_whatever_the_manifest_says(tmp_path, breast_npz):
+    # main accepted a folder with empty provenance holding pixel copies of test images
+    dm = ClassificationData(str(breast_npz), image_size=28, drop_test_twins="none")
+    test = np.flatnonzero(dm.items["split"] == "test")
+    w = SyntheticWriter(tmp_path / "syn", "import", "x")
+    for k, i in enumerate(test[:60]):
+        cls = dm.class_names[dm.items.at[i, "label"]]
+        w.write(dm.source.load(int(i), 28, 1), cls, k, seed=k)
+    dm = ClassificationData(
+        str(breast_npz), image_size=28, synthetic=[str(tmp_path / "syn")], synthetic_ratio=0.05
+    )
+    with pytest.raises(DataError, match=r"matches test image test/\d+ \(pixel-identical\)"):
+        dm.setup()
+    assert dm.table is None  # nothing half set up

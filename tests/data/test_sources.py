@@ -101,3 +101,74 @@ def test_dataloader_path_checks_bad_files_up_front(folder):
     dm = ClassificationData(str(folder), image_size=16, val_fraction=0.2, loader="dataloader", num_workers=0)
     with pytest.raises(ValueError, match="broken.png"):
         dm.setup()
+
+
+def _pairs_of_near_twins(root, n: int, size: int = 32):
+    """n pairs of near-identical images (one pixel changed), the two of a pair in different classes."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        a = rng.integers(0, 255, (size, size), dtype=np.uint8)
+        b = a.copy()
+        b[0, 0] ^= 1
+        for cls, img in (("x", a), ("y", b)) if i % 2 else (("y", a), ("x", b)):
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / cls / f"p{i:02d}_{cls}.png")
+
+
+def test_carving_keeps_near_twins_of_any_class_on_one_side(tmp_path):
+    # main grouped by sha256 within a class: near twins of different classes were split apart (13 of 30)
+    _pairs_of_near_twins(tmp_path / "d", 30)
+    items = load_source(tmp_path / "d", seed=1).items
+    pair = items["id"].str.extract(r"p(\d+)_")[0]
+    assert (items.groupby(pair)["split"].nunique() == 1).all()
+    assert set(items["split"]) == {"train", "val", "test"}
+
+
+def test_carving_keeps_a_subject_on_one_side(tmp_path, write_folder):
+    # neighbouring slices of one patient are different images to a hash, the same patient to a clinician
+    root = write_folder(tmp_path / "d", {"a": 40, "b": 40})
+    files = sorted(root.rglob("*.png"))
+    subject = {p: f"patient{i % 16}" for i, p in enumerate(files)}
+    rows = [(str(p.relative_to(root)), p.parent.name, subject[p]) for p in files]
+    pd.DataFrame(rows, columns=["path", "label", "group"]).to_csv(root / "m.csv", index=False)
+    items = load_source(root / "m.csv", seed=2).items
+    assert (items.groupby("group")["split"].nunique() == 1).all()
+    assert set(items["split"]) == {"train", "val", "test"}
+    # the same from file names, for a folder
+    for p in files:
+        p.rename(p.with_name(f"{subject[p]}_{p.name}"))
+    items = load_source(root, seed=2, group_pattern=r"^(patient\d+)_").items
+    assert (items.groupby("group")["split"].nunique() == 1).all()
+    with pytest.raises(DataError, match="does not match"):
+        load_source(root, group_pattern=r"^(subject\d+)_")
+
+
+def test_a_class_too_small_for_validation_or_test_is_an_error(tmp_path, write_folder):
+    # main gave a 2-image class 0 validation and 0 test images, silently
+    write_folder(tmp_path / "d", {"a": 40, "b": 2}, size=8)
+    dm = ClassificationData(str(tmp_path / "d"), image_size=8)
+    with pytest.raises(DataError, match=r"fewer than 1 (val|test) image.*\{'b': 0\}.*min_eval_per_class"):
+        _ = dm.items
+
+
+def test_near_twins_across_splits_are_dropped_counted_and_warned(tmp_path, caplog):
+    # main dropped byte-identical twins only: re-encoded copies of training images stayed in val/test
+    root = tmp_path / "d"
+    _pairs_of_near_twins(root / "train", 20)
+    rng = np.random.default_rng(1)
+    for cls in ("x", "y"):  # unrelated test images, and near copies of training images
+        (root / "test" / cls).mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(
+                root / "test" / cls / f"t{i}.png"
+            )
+        for p in sorted((root / "train" / cls).glob("*.png"))[:3]:
+            Image.open(p).save(root / "test" / cls / f"copy_{p.stem}.jpg", quality=95)
+    near = ClassificationData(str(root), image_size=32, val_fraction=0.2)
+    with caplog.at_level("WARNING"):
+        _ = near.items
+    assert near.near_twin_rate > 0.05 and "Supply groups" in caplog.text
+    assert near.dropped_twins >= 6
+    assert not near.items.loc[near.items["split"] == "test", "id"].str.contains("copy_").any()
+    exact = ClassificationData(str(root), image_size=32, val_fraction=0.2, drop_test_twins="exact")
+    assert exact.items.loc[exact.items["split"] == "test", "id"].str.contains("copy_").sum() == 6

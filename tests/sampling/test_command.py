@@ -103,5 +103,5 @@ def test_sample_rejects_bad_options(groups_root, tmp_path):
         sample(str(groups_root), str(tmp_path / "o1"), classes=["c"], **TINY)
     with pytest.raises(ValueError, match=r"class\(es\) \['b'\]"):
         sample(str(groups_root), str(tmp_path / "o2"), **{**TINY, "k": {"a": 2}})
-    with pytest.raises(ValueError, match="class 'a' has 11 train images, fewer than k=12"):
+    with pytest.raises(ValueError, match=r"class 'a' has \d+ train images, fewer than k=12"):
         sample(str(groups_root), str(tmp_path / "o3"), **{**TINY, "k": 12})
