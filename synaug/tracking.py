@@ -7,8 +7,10 @@ unchanged.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
 
 STORE = Path("mlruns")
@@ -24,10 +27,41 @@ STORE = Path("mlruns")
 def tracking_uri(uri: str | None = None) -> str:
     """`uri`, else `$MLFLOW_TRACKING_URI`, else the local SQLite store `mlruns/mlflow.db` (created on demand)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
+    if not uri:
+        STORE.mkdir(exist_ok=True)
+        uri = f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///"):
+        _create_store(uri)
+    return uri
+
+
+def store_lock(uri: str):
+    """One process at a time creates or migrates a SQLite store (MLflow's or Optuna's): their alembic migrations
+    collide when two processes find the same fresh file ("table _alembic_tmp_tags already exists" for good).
+    A file lock beside the database; a server (or PostgreSQL) serialises its own clients."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock")
+
+
+def rdb_storage(url: str, **kwargs):
+    """Optuna's RDBStorage at `url` (`kwargs` as its own), a fresh SQLite file created under the store's lock."""
+    from optuna.storages import RDBStorage
+
+    with store_lock(url):
+        return RDBStorage(url, **kwargs)
+
+
+@functools.cache
+def _create_store(uri: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    with store_lock(uri):
+        SqlAlchemyStore(
+            uri, artifact_location(uri)
+        )  # creates the tables, or checks the schema of an existing one
 
 
 def artifact_location(uri: str) -> str | None:
@@ -39,8 +73,9 @@ def artifact_location(uri: str) -> str | None:
 
 def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+    with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
+        exp = client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
 
 
 def command_run(
@@ -68,6 +103,9 @@ class MLFlowLogger(_MLFlowLogger):
         log_model: bool = False,
     ):
         uri = globals()["tracking_uri"](tracking_uri)
+        if uri.startswith("sqlite:///") and run_id is None:
+            # Created here, under the store's lock; Lightning's own get-or-create races with other processes.
+            experiment_id(mlflow.MlflowClient(uri), experiment_name, uri)
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
