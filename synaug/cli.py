@@ -72,6 +72,7 @@ class SynAugCLI(LightningCLI):
             trainer_defaults={
                 "default_root_dir": "outputs",
                 "logger": {"class_path": "synaug.tracking.MLFlowLogger"},
+                "plugins": [{"class_path": "synaug.utils.AtomicCheckpointIO"}],  # no truncated .ckpt, ever
             },
             seed_everything_default=0,
             args=args,

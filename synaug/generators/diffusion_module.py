@@ -43,6 +43,7 @@ from synaug.generators import export
 from synaug.generators.diffusion import SamplerName, build_unet, noise_scheduler, null_class, pad_to, sample
 from synaug.generators.export import GeneratorMeta, export_dir, provenance, record_training_set
 from synaug.tracking import log_figure
+from synaug.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,8 @@ class ClassConditionalDiffusion(L.LightningModule):
 
     @rank_zero_only
     def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
+        with atomic_path(self.export_dir()) as folder:  # a killed or full-disk export leaves no half folder
+            self.save_pretrained(folder)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["ema"] = self.ema.state_dict()

@@ -84,6 +84,7 @@ from synaug.generators.export import export_dir, provenance, record_training_set
 from synaug.generators.generate import image_seed
 from synaug.generators.stable_diffusion import SD15, files_digest, load_pipeline, pick_device
 from synaug.tracking import log_figure
+from synaug.utils import atomic_path
 
 log = logging.getLogger(__name__)
 Method = Literal["lora", "full", "textual_inversion"]
@@ -411,7 +412,8 @@ class DreamBooth(L.LightningModule):
 
     @rank_zero_only
     def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
+        with atomic_path(self.export_dir()) as folder:  # a killed or full-disk export leaves no half folder
+            self.save_pretrained(folder)
 
     def trained_names(self) -> list[str]:
         return [n for n, p in self.named_parameters() if p.requires_grad]

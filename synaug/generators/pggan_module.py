@@ -70,6 +70,7 @@ from synaug.generators.pggan import (
     upsample,
 )
 from synaug.tracking import log_figure
+from synaug.utils import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -360,7 +361,8 @@ class ProgressiveGAN(L.LightningModule):
 
     @rank_zero_only
     def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
+        with atomic_path(self.export_dir()) as folder:  # a killed or full-disk export leaves no half folder
+            self.save_pretrained(folder)
 
     def ema_generator(self) -> Generator:
         """A copy of the EMA generator on the CPU, set to sample at the current stage and alpha."""
