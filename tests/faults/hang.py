@@ -17,3 +17,18 @@ class HangAfterFirstCheckpoint(Callback):
         if marker and ckpt is not None and ckpt.dirpath and any(Path(ckpt.dirpath).glob("*.ckpt")):
             Path(marker).write_text(f"{trainer.global_step} {ckpt.dirpath}")
             time.sleep(600)
+
+
+class HangInFit(Callback):
+    """With $HANG_DIR set: the $HANG_AT_FIT-th fit of the process (from 1) writes `$HANG_DIR/fitting` at its
+    start and hangs there (the test signals the process meanwhile)."""
+
+    def on_train_start(self, trainer, pl_module):
+        folder = os.environ.get("HANG_DIR")
+        if not folder:
+            return
+        count = len(list(Path(folder).glob("fit-*"))) + 1
+        (Path(folder) / f"fit-{count}").touch()
+        if count == int(os.environ["HANG_AT_FIT"]):
+            (Path(folder) / "fitting").touch()
+            time.sleep(600)
