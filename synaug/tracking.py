@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
 import subprocess
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,6 +20,7 @@ matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 from filelock import FileLock  # noqa: E402
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
 
 STORE = Path("mlruns")
@@ -58,10 +60,16 @@ def rdb_storage(url: str, **kwargs):
 def _create_store(uri: str) -> None:
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    with store_lock(uri):
-        SqlAlchemyStore(
-            uri, artifact_location(uri)
-        )  # creates the tables, or checks the schema of an existing one
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        with store_lock(uri):
+            SqlAlchemyStore(uri, artifact_location(uri))  # creates the tables, or checks an existing schema
+    except Exception as err:  # sqlite3 / SQLAlchemy / filelock / OSError: one message for all of them
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
+        raise StoreError(
+            f"{db}: cannot open the MLflow store ({type(err).__name__}: {reason}); check that the folder and the "
+            "file are readable and writable and the disk has room, or point MLFLOW_TRACKING_URI elsewhere"
+        ) from err
 
 
 def artifact_location(uri: str) -> str | None:
@@ -75,7 +83,44 @@ def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
     with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
         exp = client.get_experiment_by_name(name)
-        return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+        exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+    mark_killed(client, exp_id)
+    return exp_id
+
+
+class StoreError(ValueError):
+    """A tracking store that cannot be used (unreadable, read-only, full, not a database)."""
+
+
+HOST, PID = "synaug.host", "synaug.pid"
+
+
+def owner() -> dict[str, str]:
+    """Tags naming the process that runs a run: how a later command tells a dead run from a running one."""
+    return {HOST: socket.gethostname(), PID: str(os.getpid())}
+
+
+def mark_killed(client: mlflow.MlflowClient, exp_id: str) -> list[str]:
+    """Runs left RUNNING by a process of this machine that no longer exists (SIGKILL, power loss, OOM) are marked
+    KILLED; returns their ids. Runs of other machines are left alone (their process cannot be checked here)."""
+    killed = []
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{socket.gethostname()}'"
+    for run in client.search_runs([exp_id], query, max_results=1000):
+        pid = int(run.data.tags.get(PID, "0"))
+        if pid and not _alive(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def command_run(
@@ -85,7 +130,9 @@ def command_run(
     uri = tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(
-        experiment_id(client, experiment, uri), run_name=run_name, tags={**tags, "git_commit": git_commit()}
+        experiment_id(client, experiment, uri),
+        run_name=run_name,
+        tags={**tags, "git_commit": git_commit(), **owner()},
     )
     return client, run.info.run_id
 
@@ -103,18 +150,32 @@ class MLFlowLogger(_MLFlowLogger):
         log_model: bool = False,
     ):
         uri = globals()["tracking_uri"](tracking_uri)
-        if uri.startswith("sqlite:///") and run_id is None:
-            # Created here, under the store's lock; Lightning's own get-or-create races with other processes.
-            experiment_id(mlflow.MlflowClient(uri), experiment_name, uri)
+        client = mlflow.MlflowClient(uri)
+        if run_id is None:
+            # Created here, under the store's lock (Lightning's own get-or-create races with other processes);
+            # it also marks runs of dead processes KILLED.
+            experiment_id(client, experiment_name, uri)
+        else:  # a resumed fit continues its run (the run id travels in the checkpoint): it runs again, here
+            mark_killed(client, client.get_run(run_id).info.experiment_id)
+            client.update_run(run_id, "RUNNING")
+            for k, v in owner().items():
+                client.set_tag(run_id, k, v)
+        self._continued = run_id
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
             tracking_uri=uri,
-            tags=tags,
+            tags={**(tags or {}), **owner()},
             artifact_location=artifact_location(uri),
             run_id=run_id,
             log_model=log_model,
         )
+
+    def log_hyperparams(self, params) -> None:
+        if self._continued:  # MLflow params are immutable: a resumed run keeps the values it started with
+            logged = self.experiment.get_run(self.run_id).data.params
+            params = {k: v for k, v in _flatten_dict(_convert_params(params)).items() if k not in logged}
+        super().log_hyperparams(params)
 
 
 def git_commit() -> str:
