@@ -23,7 +23,7 @@ from lightning.pytorch.core import LightningModule
 
 from synaug.classifiers.base import Classifier
 from synaug.data import ClassificationData
-from synaug.tracking import MLFlowLogger, git_commit, log_figure
+from synaug.tracking import MLFlowLogger, discard_empty, git_commit, log_figure
 
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 COMMANDS = {
@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         dispatch(argv)
     except USER_ERRORS as err:
+        discard_empty()
         if debug:
             raise
         print(f"synaug: error: {user_message(err)}  (--debug shows the traceback)", file=sys.stderr)

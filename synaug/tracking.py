@@ -137,6 +137,20 @@ def command_run(
     return client, run.info.run_id
 
 
+CREATED: list[
+    tuple[mlflow.MlflowClient, str]
+] = []  # runs this process's loggers created, for `discard_empty`
+
+
+def discard_empty() -> None:
+    """Delete the runs this process created that hold no metric: what a config or data error left behind (the
+    user's experiment shows no empty FAILED run for a run that never trained)."""
+    while CREATED:
+        client, run_id = CREATED.pop()
+        if not client.get_run(run_id).data.metrics:
+            client.delete_run(run_id)
+
+
 class MLFlowLogger(_MLFlowLogger):
     """Lightning's MLFlowLogger with synaug's defaults: the local SQLite store and its artifact folder."""
 
@@ -170,6 +184,14 @@ class MLFlowLogger(_MLFlowLogger):
             run_id=run_id,
             log_model=log_model,
         )
+
+    @property
+    def experiment(self) -> mlflow.MlflowClient:
+        new = self._run_id is None
+        client = super().experiment
+        if new and self._run_id is not None:
+            CREATED.append((client, self._run_id))
+        return client
 
     def log_hyperparams(self, params) -> None:
         if self._continued:  # MLflow params are immutable: a resumed run keeps the values it started with

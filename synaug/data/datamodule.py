@@ -469,5 +469,8 @@ class TableDataset(Dataset):
 
 
 def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:  # decoding names it (or skips it, with `on_bad_image: skip`)
+        return ""

@@ -8,7 +8,7 @@ Conversions (to 8-bit grey `L` or `RGB`):
   range (`WINDOW`), values outside clipped, as viewers' auto-window does without a preset: a robust window,
   so that a few hot or dead pixels (a marker, a saturated detector pixel) do not squeeze the anatomy into
   one grey level; a constant image becomes black.
-Errors (`BadImageError`): zero-byte file, content that is no image format, truncated or corrupt data,
+Errors (`BadImageError`): missing or unreadable file, zero-byte file, content that is no image format, truncated or corrupt data,
 decompression bomb (more than `PIL.Image.MAX_IMAGE_PIXELS` pixels).
 """
 
@@ -32,7 +32,12 @@ class BadImageError(ValueError):
 def open_image(source: str | Path | bytes, name: str | None = None) -> Image.Image:
     """Decode fully (truncation shows only on decode) and return the PIL image in its stored mode."""
     name = name or str(source)
-    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise BadImageError(f"{name}: listed but not on disk (missing file)") from None
+    except (IsADirectoryError, PermissionError) as err:
+        raise BadImageError(f"{name}: cannot be read ({err.strerror})") from None
     if not data:
         raise BadImageError(f"{name}: empty file (0 bytes)")
     try:

@@ -224,7 +224,19 @@ MEDMNIST_CLASSES = {"breastmnist": ["malignant", "normal_benign"], "pneumoniamni
 
 def _from_npz(path: Path, classes: Sequence[str] | None) -> ImageSource:
     with np.load(path) as z:
-        parts = [(s, z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS if f"{s}_images" in z]
+        keys = set(z.files)
+        for s in SPLITS:
+            if (f"{s}_images" in keys) != (f"{s}_labels" in keys):
+                have, lack = (f"{s}_images", f"{s}_labels")[:: 1 if f"{s}_images" in keys else -1]
+                raise DataError(
+                    f"{path}: has {have} but no {lack}; a split needs both (keys: {sorted(keys)})"
+                )
+        parts = [(s, z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS if f"{s}_images" in keys]
+    for s, im, lab in parts:
+        if len(im) != len(lab):
+            raise DataError(
+                f"{path}: {len(im)} {s}_images but {len(lab)} {s}_labels; they must match one to one"
+            )
     if not parts:
         raise DataError(f"{path}: no MedMNIST keys (train_images, train_labels, ...) in the file")
     labels = np.concatenate([np.asarray(lab).reshape(len(lab), -1)[:, 0] for _, _, lab in parts]).astype(
