@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -54,6 +55,7 @@ def assert_identical(a, b, where=""):
         assert a == b, where
 
 
+@pytest.mark.slow  # three (four) fresh processes: their imports dominate
 def test_sigkill_during_generator_fit_then_resume_is_exact(breast_npz, tmp_path, figures):
     config = yaml.safe_load((ROOT / "configs/generators/diffusion_tiny.yaml").read_text())
     config["data"]["root"] = str(breast_npz)

@@ -9,6 +9,7 @@ import time
 
 import mlflow
 import optuna
+import pytest
 
 WORKERS = 4
 # Imports first (seconds), then every process waits for the same go signal: they create the stores together.
@@ -16,6 +17,7 @@ WORKER = """
 import os, time
 from pathlib import Path
 import optuna
+import pytest
 from synaug.tracking import MLFlowLogger, rdb_storage
 from synaug.tune import default_storage
 Path(f"ready-{os.getpid()}").touch()
@@ -29,6 +31,7 @@ study.optimize(lambda t: t.suggest_float("ratio", 0, 1), n_trials=1)
 """
 
 
+@pytest.mark.slow  # three (four) fresh processes: their imports dominate
 def test_four_processes_create_fresh_stores_at_once(tmp_path, figures):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store, in cwd
     procs = []
