@@ -94,3 +94,44 @@ def test_sigkill_during_generator_fit_then_resume_is_exact(breast_npz, tmp_path,
         "SIGKILL during generator fit (diffusion_tiny.yaml), resumed from last.ckpt",
         f"killed at step {step}; final weights and EMA bit-identical to an uninterrupted run",
     )
+
+
+@pytest.mark.parametrize("loader", ["memory", "dataloader"])
+def test_mid_epoch_resume_is_exact_on_both_loaders(breast_npz, tmp_path, loader):
+    """In-process twin of the SIGKILL test, for both training loaders: a checkpoint in the middle of an epoch
+    (step 5 of 4-batch epochs) resumes to the weights of an uninterrupted run."""
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from synaug.data import ClassificationData
+    from synaug.generators import ClassConditionalDiffusion
+
+    def run(folder, ckpt_path=None):
+        data = ClassificationData(
+            root=str(breast_npz),
+            image_size=28,
+            batch_size=16,
+            real_fraction=0.1,
+            loader=loader,
+            num_workers=0,
+        )
+        model = ClassConditionalDiffusion(
+            num_classes=2,
+            in_chans=1,
+            image_size=28,
+            preset="tiny",
+            sample_every=1000,
+            export_dir=str(folder / "x"),
+        )
+        ckpt = ModelCheckpoint(dirpath=folder, every_n_train_steps=5, save_top_k=-1)
+        trainer = Trainer(
+            max_steps=10, logger=False, callbacks=[ckpt], limit_val_batches=0, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", default_root_dir=folder,
+        )  # fmt: skip
+        trainer.fit(model, datamodule=data, ckpt_path=ckpt_path)
+        assert trainer.num_training_batches == 4  # so step 5 is mid-epoch
+        return model
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "resumed", ckpt_path=str(tmp_path / "whole" / "epoch=1-step=5.ckpt"))
+    assert_identical(whole.state_dict(), resumed.state_dict())
