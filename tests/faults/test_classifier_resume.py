@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import mlflow
+import pytest
 import torch
 
 from synaug.tracking import MLFlowLogger
@@ -32,6 +33,7 @@ def fit(cwd: Path, npz: Path, name: str, *extra: str, **env: str) -> subprocess.
     )
 
 
+@pytest.mark.slow  # real `synaug` processes: their imports dominate
 def test_sigkill_then_resume_continues_the_run_with_its_best_score(breast_npz, tmp_path, figures):
     name, marker = "resume-classifier", tmp_path / "hanging"
     killed = fit(

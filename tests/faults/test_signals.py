@@ -53,6 +53,7 @@ def start(tmp_path, **env) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow  # real `synaug` processes: their imports dominate
 def test_sigkill_of_a_grid_then_the_same_command_finishes_it(breast_npz, tmp_path, figures):
     name = "killed-grid"
     grid(breast_npz, tmp_path, name)
@@ -82,6 +83,7 @@ def test_sigkill_of_a_grid_then_the_same_command_finishes_it(breast_npz, tmp_pat
     )
 
 
+@pytest.mark.slow  # real `synaug` processes: their imports dominate
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signalled_experiment_stops_and_says_how_to_resume(breast_npz, tmp_path, signum, figures):
     name = f"signalled-{signum.name}"
