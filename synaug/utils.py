@@ -47,7 +47,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written under a temporary name in their own folder, synced, then renamed."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote (fsspec) storage: Lightning's own write
+        # remote (fsspec) storage: Lightning's own write
+        if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
