@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
+import re
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
+import torch
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.core import LightningModule
@@ -20,7 +24,7 @@ from lightning.pytorch.core import LightningModule
 from synaug.classifiers.base import Classifier
 from synaug.data import ClassificationData
 from synaug.generators.base import GeneratorModule
-from synaug.tracking import MLFlowLogger, git_commit, log_figure
+from synaug.tracking import MLFlowLogger, discard_empty, git_commit, log_figure
 
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 COMMANDS = {
@@ -61,6 +65,18 @@ class TrackRun(SaveConfigCallback):
                 client.log_text(run, "\n".join(map(str, dm.skipped)), "data/skipped_images.txt")
             log_figure(client, run, dm.preview_figure(), "data/train_grid.png")
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # A resumed fit (`--ckpt_path`) continues this run: its metrics, its checkpoint folder, its best score.
+        if isinstance(trainer.logger, MLFlowLogger):
+            checkpoint["mlflow_run_id"] = trainer.logger.run_id
+
+
+def resumed_run(ckpt_path) -> str | None:
+    """The MLflow run a checkpoint was written by (`TrackRun`), if it names one."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None  # Lightning's "last" / "best" / "hpc", or a missing file it reports itself
+    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
+
 
 class SynAugCLI(LightningCLI):
     def __init__(self, args=None, run: bool = True):
@@ -73,6 +89,7 @@ class SynAugCLI(LightningCLI):
             trainer_defaults={
                 "default_root_dir": "outputs",
                 "logger": {"class_path": "synaug.tracking.MLFlowLogger"},
+                "plugins": [{"class_path": "synaug.utils.AtomicCheckpointIO"}],  # no truncated .ckpt, ever
             },
             seed_everything_default=0,
             args=args,
@@ -111,8 +128,17 @@ class SynAugCLI(LightningCLI):
         if issubclass(model, Classifier) and not any(
             c.class_path.endswith(".ModelCheckpoint") for c in callbacks
         ):
-            checkpoint = Namespace(monitor="val/f1_macro", mode="max")
+            checkpoint = Namespace(monitor="val/f1_macro", mode="max", save_last=True)  # last.ckpt: resume
             cfg.trainer.callbacks = [*callbacks, Namespace(class_path=CHECKPOINT, init_args=checkpoint)]
+        logger = cfg.trainer.logger
+        if (
+            self.subcommand == "fit"
+            and isinstance(logger, Namespace)
+            and logger.class_path == "synaug.tracking.MLFlowLogger"
+            and not logger.init_args.get("run_id")
+            and (run_id := resumed_run(cfg.ckpt_path))
+        ):
+            logger.init_args.run_id = run_id
 
     def after_fit(self) -> None:
         if self.config[self.subcommand].test_after_fit:
@@ -152,8 +178,46 @@ def run_function(fn: Callable, argv: list[str], prog: str):
     return fn(**{k: cfg[k] for k in inspect.signature(fn).parameters})
 
 
+# ---- main() and its error paths ----
+
+DEBUG_ENV = "SYNAUG_DEBUG"
+# What a user fixes: a bad config value, bad or missing data, an unusable store. Anything else is a bug and keeps
+# its traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def user_message(err: BaseException) -> str:
+    """One line for a user error. jsonargparse reports a failed instantiation inside a Union ("Does not validate
+    against any of the Union subtypes") with the real errors as text: keep the real one, name the class."""
+    text = str(err)
+    if "Does not validate against any of the Union subtypes" in text:
+        errors = [
+            line.strip()[2:]
+            for line in text.splitlines()
+            if line.strip().startswith("- ") and not line.strip().startswith("- Expected a <class")
+        ]
+        given = re.search(r"class_path='([\w.]+)'", text)
+        where = f"{given.group(1)}: " if given else ""
+        text = where + (errors[0] if errors else text.splitlines()[0])
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> None:
+    """`synaug ...`: a user error prints one line and exits 2; `--debug` (or $SYNAUG_DEBUG=1) shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        dispatch(argv)
+    except USER_ERRORS as err:
+        discard_empty()
+        if debug:
+            raise
+        print(f"synaug: error: {user_message(err)}  (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def dispatch(argv: list[str]) -> None:
     for name, target in COMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:

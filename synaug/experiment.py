@@ -47,7 +47,11 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
+import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -268,6 +272,28 @@ def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
         metrics[f"data/synthetic/{c}"] = float(row["synthetic"])
     for k, v in metrics.items():
         client.log_metric(run_id, k, v)
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT stop the grid at once (Lightning shuts the running fit down as for Ctrl-C); the list
+    it yields holds the signal number once one came. Lightning's own SIGTERM handler only notes the signal."""
+    stopped: list[int] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield stopped
+        return
+
+    def handler(signum, frame):
+        if not stopped:
+            stopped.append(signum)
+            raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stopped
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def run_seed(
@@ -781,10 +807,25 @@ def experiment(
         f"{len(cells) * seeds - len(jobs)} done"
     )
     try:
-        run_all(jobs, exp_id, workers, keep_checkpoints)
+        with stop_on_signals() as stopped:
+            run_all(jobs, exp_id, workers, keep_checkpoints)
     except BaseException:
-        client.set_terminated(parent, "FAILED")
-        raise
+        if not stopped:
+            client.set_terminated(parent, "FAILED")
+            raise
+        # SIGTERM / SIGINT: what finished stays finished (a rerun skips it); say so, and exit non-zero
+        done = {
+            (r.data.tags["cell"], r.data.tags["seed"])
+            for r in search(client, exp_id, {"level": "seed", "experiment": name})
+            if complete(r, metric)
+        }
+        client.set_terminated(parent, "KILLED")
+        print(
+            f"{name}: stopped by {signal.Signals(stopped[0]).name}: {len(done)} of {len(cells) * seeds} runs "
+            "finished (kept); no report. Resume with the same command: it trains only the unfinished runs.",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + stopped[0]) from None
 
     x = f"real_{learning_curve_class}" if learning_curve_class else "real_per_class"
     x_metric = f"data/real_kept/{learning_curve_class}" if learning_curve_class else "data/real_per_class"

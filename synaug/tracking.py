@@ -7,8 +7,11 @@ unchanged.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import subprocess
+from contextlib import nullcontext
 from pathlib import Path
 
 import matplotlib
@@ -16,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+from filelock import FileLock  # noqa: E402
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
 
 STORE = Path("mlruns")
@@ -24,10 +29,47 @@ STORE = Path("mlruns")
 def tracking_uri(uri: str | None = None) -> str:
     """`uri`, else `$MLFLOW_TRACKING_URI`, else the local SQLite store `mlruns/mlflow.db` (created on demand)."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    STORE.mkdir(exist_ok=True)
-    return f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
+    if not uri:
+        STORE.mkdir(exist_ok=True)
+        uri = f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
+    if uri.startswith("sqlite:///"):
+        _create_store(uri)
+    return uri
+
+
+def store_lock(uri: str):
+    """One process at a time creates or migrates a SQLite store (MLflow's or Optuna's): their alembic migrations
+    collide when two processes find the same fresh file ("table _alembic_tmp_tags already exists" for good).
+    A file lock beside the database; a server (or PostgreSQL) serialises its own clients."""
+    if not uri.startswith("sqlite:///"):
+        return nullcontext()
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{db}.lock")
+
+
+def rdb_storage(url: str, **kwargs):
+    """Optuna's RDBStorage at `url` (`kwargs` as its own), a fresh SQLite file created under the store's lock."""
+    from optuna.storages import RDBStorage
+
+    with store_lock(url):
+        return RDBStorage(url, **kwargs)
+
+
+@functools.cache
+def _create_store(uri: str) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    try:
+        with store_lock(uri):
+            SqlAlchemyStore(uri, artifact_location(uri))  # creates the tables, or checks an existing schema
+    except Exception as err:  # sqlite3 / SQLAlchemy / filelock / OSError: one message for all of them
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())[:200]
+        raise StoreError(
+            f"{db}: cannot open the MLflow store ({type(err).__name__}: {reason}); check that the folder and the "
+            "file are readable and writable and the disk has room, or point MLFLOW_TRACKING_URI elsewhere"
+        ) from err
 
 
 def artifact_location(uri: str) -> str | None:
@@ -39,8 +81,46 @@ def artifact_location(uri: str) -> str | None:
 
 def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
-    exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+    with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
+        exp = client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+    mark_killed(client, exp_id)
+    return exp_id
+
+
+class StoreError(ValueError):
+    """A tracking store that cannot be used (unreadable, read-only, full, not a database)."""
+
+
+HOST, PID = "synaug.host", "synaug.pid"
+
+
+def owner() -> dict[str, str]:
+    """Tags naming the process that runs a run: how a later command tells a dead run from a running one."""
+    return {HOST: socket.gethostname(), PID: str(os.getpid())}
+
+
+def mark_killed(client: mlflow.MlflowClient, exp_id: str) -> list[str]:
+    """Runs left RUNNING by a process of this machine that no longer exists (SIGKILL, power loss, OOM) are marked
+    KILLED; returns their ids. Runs of other machines are left alone (their process cannot be checked here)."""
+    killed = []
+    query = f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{socket.gethostname()}'"
+    for run in client.search_runs([exp_id], query, max_results=1000):
+        pid = int(run.data.tags.get(PID, "0"))
+        if pid and not _alive(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_id)
+    return killed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def command_run(
@@ -50,9 +130,25 @@ def command_run(
     uri = tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(
-        experiment_id(client, experiment, uri), run_name=run_name, tags={**tags, "git_commit": git_commit()}
+        experiment_id(client, experiment, uri),
+        run_name=run_name,
+        tags={**tags, "git_commit": git_commit(), **owner()},
     )
     return client, run.info.run_id
+
+
+CREATED: list[
+    tuple[mlflow.MlflowClient, str]
+] = []  # runs this process's loggers created, for `discard_empty`
+
+
+def discard_empty() -> None:
+    """Delete the runs this process created that hold no metric: what a config or data error left behind (the
+    user's experiment shows no empty FAILED run for a run that never trained)."""
+    while CREATED:
+        client, run_id = CREATED.pop()
+        if not client.get_run(run_id).data.metrics:
+            client.delete_run(run_id)
 
 
 class MLFlowLogger(_MLFlowLogger):
@@ -68,15 +164,40 @@ class MLFlowLogger(_MLFlowLogger):
         log_model: bool = False,
     ):
         uri = globals()["tracking_uri"](tracking_uri)
+        client = mlflow.MlflowClient(uri)
+        if run_id is None:
+            # Created here, under the store's lock (Lightning's own get-or-create races with other processes);
+            # it also marks runs of dead processes KILLED.
+            experiment_id(client, experiment_name, uri)
+        else:  # a resumed fit continues its run (the run id travels in the checkpoint): it runs again, here
+            mark_killed(client, client.get_run(run_id).info.experiment_id)
+            client.update_run(run_id, "RUNNING")
+            for k, v in owner().items():
+                client.set_tag(run_id, k, v)
+        self._continued = run_id
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
             tracking_uri=uri,
-            tags=tags,
+            tags={**(tags or {}), **owner()},
             artifact_location=artifact_location(uri),
             run_id=run_id,
             log_model=log_model,
         )
+
+    @property
+    def experiment(self) -> mlflow.MlflowClient:
+        new = self._run_id is None
+        client = super().experiment
+        if new and self._run_id is not None:
+            CREATED.append((client, self._run_id))
+        return client
+
+    def log_hyperparams(self, params) -> None:
+        if self._continued:  # MLflow params are immutable: a resumed run keeps the values it started with
+            logged = self.experiment.get_run(self.run_id).data.params
+            params = {k: v for k, v in _flatten_dict(_convert_params(params)).items() if k not in logged}
+        super().log_hyperparams(params)
 
 
 def git_commit() -> str:

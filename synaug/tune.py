@@ -13,10 +13,10 @@ classes and the conventional policy), maximising a validation metric averaged ov
   it, and processes sharing a PostgreSQL URL work on one study (`n_trials` counts trials of the whole study; a
   race at the end may add up to one trial per extra process). Each process keeps a heartbeat per running trial:
   a trial whose process died is marked FAIL `grace_period` seconds after its last heartbeat by the next process
-  that starts a trial, and queued again with its parameters (at most `max_retry` times). On a new database,
-  create the study before starting processes together (run one first, or `optuna create-study --storage URL
-  --study-name NAME --direction maximize`): processes creating the tables at once collide; the same holds for a
-  new MLflow store.
+  that starts a trial, and queued again with its parameters (at most `max_retry` times). Several
+  processes starting together on a new SQLite file take turns creating its tables and the study (a file lock,
+  as for a new MLflow store); on a new server database, create the study first (`optuna create-study --storage
+  URL --study-name NAME --direction maximize`).
 - MLflow (experiment `name`): one run per trial (tags optuna.study, optuna.trial, worker, state; the trial's
   params, `intermediate` per step, `objective/seed` and `objective`), each with one child run per seed (the
   Lightning run: its per-epoch validation metrics). The best trial's run is tagged best=true.
@@ -44,7 +44,7 @@ import numpy as np
 import optuna
 from mlflow import MlflowClient
 from mlflow.entities import Param
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.study import MaxTrialsCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -62,7 +62,7 @@ from synaug.experiment import (
     run_config,
     search,
 )
-from synaug.tracking import STORE, experiment_id, tracking_uri
+from synaug.tracking import STORE, experiment_id, rdb_storage, tracking_uri
 
 Report = Callable[[int, float], bool]  # (epoch, value) -> prune?
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -325,7 +325,7 @@ def tune(
                 client.set_terminated(run.info.run_id, "KILLED")
         retry(study, trial)
 
-    rdb = RDBStorage(
+    rdb = rdb_storage(
         storage or default_storage(),
         heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,

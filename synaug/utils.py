@@ -1,11 +1,27 @@
-"""Small helpers every command shares: the device choice and a file's digest."""
+"""Small helpers every command shares: the device choice, a file's digest, and atomic writes.
+
+Atomic writes: writing so that a crash, a kill or a full disk never leaves a truncated file under its real name.
+
+`atomic_path(path)` gives a temporary name beside `path` (same folder, so the same filesystem), and renames it to
+`path` only when the block completes; a failure removes it. A file or a whole folder (a generator export).
+`AtomicCheckpointIO` writes every Lightning checkpoint that way (synaug's trainers use it by default): Lightning's
+own write goes through a temporary file in `$TMPDIR` and a move, which is a copy, truncated by a full disk, when
+`$TMPDIR` is another filesystem.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -22,3 +38,40 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():  # a folder cannot replace another in one rename: swap, then delete
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written under a temporary name in their own folder, synced, then renamed."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        # remote (fsspec) storage: Lightning's own write
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        buf = io.BytesIO()
+        torch.save(checkpoint, buf)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the name says they are

@@ -405,10 +405,18 @@ class ClassificationData(L.LightningDataModule):
         def order(epoch: int) -> np.ndarray:
             return epoch_order(self.train_rows, self.variants, h.replace_prob, h.seed, epoch)[:n]
 
+        def position() -> tuple[int, int]:  # (epoch, batches of it trained): what a checkpoint resumes from
+            # current_epoch, not epoch_progress.processed: at on_train_epoch_end the latter already counts it
+            return (
+                self.trainer.current_epoch,
+                self.trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            )
+
         if self.in_memory:
             images = self._device_images()
-            return DeviceBatches(images, self._labels_on(images.device), order, h.batch_size)
-        return self._dataloader(EpochSampler(order, n), h.batch_size, policy_transform(h.policy))
+            return DeviceBatches(images, self._labels_on(images.device), order, h.batch_size, position)
+        sampler = EpochSampler(order, n, position, h.batch_size)
+        return self._dataloader(sampler, h.batch_size, policy_transform(h.policy), loader=ResumableLoader)
 
     def _rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.table["split"].to_numpy() == split)
@@ -430,10 +438,10 @@ class ClassificationData(L.LightningDataModule):
     def predict_dataloader(self):
         return self.test_dataloader()
 
-    def _dataloader(self, sampler, batch_size, transform=None) -> DataLoader:
+    def _dataloader(self, sampler, batch_size, transform=None, loader=DataLoader) -> DataLoader:
         workers = os.cpu_count() if self.hparams.num_workers is None else self.hparams.num_workers
         ds = self._dataset(transform)
-        return DataLoader(
+        return loader(
             ds,
             batch_size=batch_size,
             sampler=sampler,
@@ -498,10 +506,18 @@ class DeviceBatches:
 
     batch_sampler = None  # read by Lightning beside `sampler`, as on a DataLoader
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, order, batch_size: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, order, batch_size: int, position=None):
         self.images, self.labels, self.batch_size = images, labels, batch_size
         # Lightning calls `sampler.set_epoch` on whatever it iterates: a resumed run continues the epochs' orders.
-        self.sampler = EpochSampler(order, len(order(0)))
+        self.sampler = EpochSampler(order, len(order(0)), position, batch_size)
+
+    # Lightning keeps the state of a loader that has these in the checkpoint (`fit_loop.combined_loader`) and
+    # gives it back on resume, before the first batch: a run resumed mid-epoch continues that epoch's order.
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
     def __len__(self) -> int:
         return math.ceil(len(self.sampler) / self.batch_size)
@@ -514,10 +530,23 @@ class DeviceBatches:
 
 class EpochSampler(Sampler[int]):
     """The rows of epoch `epoch` by `order(epoch)`. Lightning sets the epoch (`set_epoch`), so a run resumed from
-    a checkpoint sees the orders an uninterrupted run would; iterated by hand, each pass is the next epoch."""
+    a checkpoint sees the orders an uninterrupted run would; iterated by hand, each pass is the next epoch.
 
-    def __init__(self, order, n: int):
-        self.order, self.n, self.epoch = order, n, 0
+    Resumable: `state_dict()` is the training position (`position()`: epoch and batches of it done) as rows;
+    after `load_state_dict` the next pass starts there, mid-epoch or at the next epoch's start. Lightning draws
+    the first batch of a resumed run before it sets the epoch, so the epoch must come from the state."""
+
+    def __init__(self, order, n: int, position=None, batch_size: int = 1):
+        self.order, self.n, self.epoch, self.skip = order, n, 0, 0
+        self.position, self.batch_size = position, batch_size
+
+    def state_dict(self) -> dict:
+        epoch, batches = self.position()
+        return {"epoch": epoch, "rows": batches * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        done = state["rows"] >= self.n
+        self.epoch, self.skip = state["epoch"] + done, 0 if done else state["rows"]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -526,9 +555,19 @@ class EpochSampler(Sampler[int]):
         return self.n
 
     def __iter__(self):
-        rows = self.order(self.epoch)
-        self.epoch += 1
+        rows = self.order(self.epoch)[self.skip :]
+        self.epoch, self.skip = self.epoch + 1, 0
         return iter(rows.tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an EpochSampler whose position travels in the checkpoint (see EpochSampler)."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
 
 
 class TableDataset(Dataset):
@@ -558,5 +597,8 @@ class TableDataset(Dataset):
 
 
 def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    try:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:  # decoding names it (or skips it, with `on_bad_image: skip`)
+        return ""

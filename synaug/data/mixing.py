@@ -28,11 +28,20 @@ def per_class(
 ) -> np.ndarray:
     """Expand a number or a {class: number} mapping to one value per class; unknown names are an error."""
     if value is None or isinstance(value, int | float):
-        return np.full(len(classes), default if value is None else float(value))
+        out = np.full(len(classes), default if value is None else float(value))
+        return _non_negative(out, classes, what)
     unknown = sorted(set(value) - set(classes))
     if unknown:
         raise DataError(f"{what}: unknown class(es) {unknown}; classes are {classes}")
-    return np.array([float(value.get(c, default)) for c in classes])
+    out = np.array([float(value.get(c, default)) for c in classes])
+    return _non_negative(out, classes, what)
+
+
+def _non_negative(out: np.ndarray, classes: list[str], what: str) -> np.ndarray:
+    bad = {c: float(v) for c, v in zip(classes, out, strict=True) if v < 0}  # plain numbers in the message
+    if bad:
+        raise DataError(f"{what}: negative value(s) {bad}; use 0 or more per class")
+    return out
 
 
 @dataclass
@@ -69,7 +78,9 @@ def plan(
         per_class(dict.fromkeys(augment_classes, 0.0), classes, 0.0, "augment_classes")  # name check
         ratio[[c not in augment_classes for c in classes]] = 0.0
     if (frac <= 0).any() or (frac > 1).any():
-        raise DataError(f"real_fraction must be in (0, 1], got {dict(zip(classes, frac, strict=True))}")
+        raise DataError(
+            f"real_fraction must be in (0, 1], got {dict(zip(classes, frac.tolist(), strict=True))}"
+        )
     if ratio.any() and synthetic is None:
         raise DataError("synthetic_ratio > 0 needs at least one synthetic source (data.synthetic)")
     if replace_prob and synthetic is None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -196,7 +197,30 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _refuse_links(root: Path) -> None:
+    """The rule of every source: nothing outside the data root. A symbolic link whose target lies outside is
+    refused, and so is a directory link inside it (it would list its images twice, or loop)."""
+    real = root.resolve()
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            link = Path(folder) / name
+            if not link.is_symlink():
+                continue
+            target = link.resolve()
+            if not target.is_relative_to(real):
+                raise DataError(
+                    f"{link}: symbolic link to {target}, outside the data root {real}; copy the images "
+                    "into the root, or point data.root at a folder holding both"
+                )
+            if target.is_dir():
+                raise DataError(
+                    f"{link}: symbolic link to the folder {target} inside the data root; remove the link "
+                    "(its images are already in the root)"
+                )
+
+
 def _from_folder(root: Path) -> ImageSource:
+    _refuse_links(root)
     sub = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     split_dirs = [s for s in sub if s in SPLITS]
     layout = {s: root / s for s in split_dirs} if split_dirs else {"": root}
@@ -220,7 +244,19 @@ MEDMNIST_CLASSES = {"breastmnist": ["malignant", "normal_benign"], "pneumoniamni
 
 def _from_npz(path: Path, classes: Sequence[str] | None) -> ImageSource:
     with np.load(path) as z:
-        parts = [(s, z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS if f"{s}_images" in z]
+        keys = set(z.files)
+        for s in SPLITS:
+            if (f"{s}_images" in keys) != (f"{s}_labels" in keys):
+                have, lack = (f"{s}_images", f"{s}_labels")[:: 1 if f"{s}_images" in keys else -1]
+                raise DataError(
+                    f"{path}: has {have} but no {lack}; a split needs both (keys: {sorted(keys)})"
+                )
+        parts = [(s, z[f"{s}_images"], z[f"{s}_labels"]) for s in SPLITS if f"{s}_images" in keys]
+    for s, im, lab in parts:
+        if len(im) != len(lab):
+            raise DataError(
+                f"{path}: {len(im)} {s}_images but {len(lab)} {s}_labels; they must match one to one"
+            )
     if not parts:
         raise DataError(f"{path}: no MedMNIST keys (train_images, train_labels, ...) in the file")
     labels = np.concatenate([np.asarray(lab).reshape(len(lab), -1)[:, 0] for _, _, lab in parts]).astype(
@@ -244,7 +280,7 @@ def _from_csv(path: Path, root: Path) -> ImageSource:
     for p in table["path"]:
         full = (root / p).resolve()
         if not full.is_relative_to(root):
-            raise DataError(f"{path}: manifest path escapes the data root {root}: {p}")
+            raise DataError(f"{path}: manifest path escapes the data root {root}: {p} -> {full}")
         if not full.is_file():
             raise DataError(f"{path}: manifest names a file that does not exist under {root}: {p}")
         resolved.append(str(full))

@@ -44,6 +44,7 @@ from torchvision.utils import make_grid
 
 from synaug.data.synthetic import train_set_fingerprint
 from synaug.tracking import git_commit, log_figure
+from synaug.utils import atomic_path
 from synaug.utils import file_sha256 as sha256
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,8 @@ class GeneratorModule(L.LightningModule):
 
     @rank_zero_only
     def on_train_end(self) -> None:
-        self.save_pretrained(self.export_dir())
+        with atomic_path(self.export_dir()) as folder:  # a killed or full-disk export leaves no half folder
+            self.save_pretrained(folder)
 
     def configure_callbacks(self) -> list[L.Callback]:
         every = self.hparams.get(self.grid_every_hparam, 0)

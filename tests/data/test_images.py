@@ -77,3 +77,13 @@ def test_cmyk_jpeg_loads_as_rgb_and_grey():
     rgb = load_image(data, 16, 3)
     assert rgb.shape == (3, 16, 16) and rgb[0].mean() > 200 and rgb[1].mean() < 60
     assert load_image(data, 16, 1).shape == (1, 16, 16)
+
+
+def test_one_hot_pixel_does_not_black_out_a_16bit_image():
+    # A 12-bit anatomy (1000..4000) with one saturated detector pixel: a min-max window would map the whole
+    # anatomy to about 4% of the grey range; the percentile window keeps it spread over 0..255.
+    a = np.linspace(1000, 4000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    a[0, 0] = 65535
+    x = load_image(_bytes(Image.fromarray(a), "PNG"), 64, 1)
+    assert x[0, 0, 0] == 255  # clipped, not the window's maximum
+    assert x.mean() > 100 and np.percentile(x, 90) > 200
