@@ -41,6 +41,8 @@ def slow_fit(config: dict, metric: str, report) -> float:
     deadline = time.time() + 60
     while len(list(here.glob("up-*"))) < int(os.environ["WORKERS"]) and time.time() < deadline:
         time.sleep(0.05)
+    if "synthetic_ratio" not in config["data"]:  # the no-synthetic reference each worker evaluates first
+        return 1.0
     count = len(list(here.glob(f"trial-{os.getpid()}-*"))) + 1
     (here / f"trial-{os.getpid()}-{count}").touch()
     if count == int(os.environ.get("HANG_AT_TRIAL", 0)):

@@ -110,7 +110,7 @@ def test_mid_epoch_resume_is_exact_on_both_loaders(breast_npz, tmp_path, loader)
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from synaug.data import ClassificationData
-    from synaug.generators import ClassConditionalDiffusion
+    from synaug.generators.diffusion.module import ClassConditionalDiffusion
 
     def run(folder, ckpt_path=None):
         data = ClassificationData(
