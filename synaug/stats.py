@@ -35,6 +35,7 @@ import scipy.stats
 from matplotlib.figure import Figure
 from numpy.typing import ArrayLike
 from scipy.optimize import isotonic_regression
+from statsmodels.stats.multitest import multipletests
 
 Statistic = Literal["median", "mean"]
 STATISTICS = {"median": np.median, "mean": np.mean}
@@ -121,20 +122,15 @@ def wilcoxon_p(differences: ArrayLike) -> float:
 
 
 def holm(pvalues: ArrayLike) -> np.ndarray:
-    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate).
+    """Holm's step-down adjustment of a family of p-values (controls the family-wise error rate), by statsmodels.
 
-    With p sorted ascending, p_(i) becomes max_{j <= i} (m - j + 1) p_(j), capped at 1; the running maximum keeps
-    the adjusted values in the order of the raw ones. Returned in the input's order. NaN (a test refused for too
-    few units) is no member of the family and stays NaN. (statsmodels' `multipletests` does this too; it is not
-    a dependency of synaug.)
+    Returned in the input's order. NaN (a test refused for too few units) is no member of the family and stays NaN.
     """
     p = np.asarray(pvalues, dtype=float)
     adjusted = np.full(p.size, np.nan)
-    tested = np.flatnonzero(~np.isnan(p))
-    m = tested.size
-    order = tested[np.argsort(p[tested])]
-    stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
-    adjusted[order] = np.minimum(stepped, 1.0)
+    tested = ~np.isnan(p)
+    if tested.any():
+        adjusted[tested] = multipletests(p[tested], method="holm")[1]
     return adjusted
 
 
