@@ -137,20 +137,28 @@ class Memorization:
         return float(self.memorized.double().mean())
 
 
-def memorization(train: torch.Tensor, fake: torch.Tensor, percentile: float = 5.0) -> Memorization:
+def memorization(
+    train: torch.Tensor, fake: torch.Tensor, percentile: float = 5.0, duplicate_tol: float = 1e-6
+) -> Memorization:
     """Each synthetic image's nearest training image by cosine similarity of features, and whether it is memorized.
 
-    With d(a, b) = 1 - cos(a, b), let t_i = min_{j != i} d(train_i, train_j), each training image's distance
-    to its nearest other training image, and tau the `percentile`-th percentile of the t_i. A synthetic image
+    With d(a, b) = 1 - cos(a, b), let t_i = min_j d(train_i, train_j) over the training images j that are not
+    duplicates of i (d > `duplicate_tol`), and tau the `percentile`-th percentile of the t_i. A synthetic image
     s is memorized when min_i d(s, train_i) < tau: it sits closer to a training image than (100 - percentile)%
-    of the training images sit to their own nearest neighbour. Fresh samples from the training distribution
-    are therefore flagged at about `percentile`%; a share well above that signals copying. Needs at least 2
-    training images.
+    of the training images sit to their own nearest distinct neighbour. Fresh samples from the training
+    distribution are therefore flagged at about `percentile`%; a share well above that signals copying.
+
+    Duplicates are left out of the t_i because real training sets hold them (brain MRI: 329 of 1,591 notumor
+    training images have a byte-identical twin): with twins, t_i = 0 for over `percentile`% of the images, tau
+    becomes 0 and not even an exact copy counts as memorized. Needs at least 2 distinct training images.
     """
-    if len(train) < 2:
-        raise ValueError(f"memorization needs at least 2 training images, got {len(train)}")
-    within = _cosine(train, train).fill_diagonal_(-torch.inf)
-    threshold = float(torch.quantile(1 - within.max(dim=1).values, percentile / 100))
+    within = _cosine(train, train)
+    distinct = (1 - within) > duplicate_tol  # the diagonal too
+    if distinct.any(dim=1).sum() < 2:
+        raise ValueError(f"memorization needs at least 2 distinct training images, got {len(train)} images")
+    nearest_distinct = 1 - within.masked_fill(~distinct, -torch.inf).max(dim=1).values
+    # an image whose every other training image is its duplicate has no distinct neighbour (inf): left out
+    threshold = float(torch.quantile(nearest_distinct[nearest_distinct.isfinite()], percentile / 100))
     similarity, nearest = _cosine(fake, train).max(dim=1)
     return Memorization(nearest, similarity, threshold, (1 - similarity) < threshold)
 
