@@ -242,10 +242,13 @@ def quality_details(
         row = dict(
             n_real=len(r),
             n_synthetic=len(f),
-            fid=frechet_distance(r, f),
             kid_mean=kid_mean,
             kid_std=kid_std,
             kid_subset_size=size,
+            fid=frechet_distance(r, f),
+            # FID's covariance estimate is rank-deficient below d samples: it is biased upward and not comparable
+            # across sample sizes there (two samples of one distribution: FID 414 at n=20, 16 at n=2,000, d=256)
+            fid_meaningful=min(len(r), len(f)) >= r.shape[1],
             precision=precision,
             recall=recall,
             memorized_share=mem.share,
@@ -323,7 +326,7 @@ def closest_pairs_figure(
 def quality(
     data: str,
     synthetic: str,
-    reference_split: str = "test",
+    reference_split: str = "val",
     feature: str = "auto",
     checkpoint_path: str | None = None,
     image_size: int = 128,
@@ -347,8 +350,10 @@ def quality(
     Args:
         data: the real source (folder, MedMNIST .npz or CSV manifest; see `load_source`).
         synthetic: a synthetic folder with its manifest.csv (see `synaug.data.synthetic`).
-        reference_split: the real split the synthetic images are compared with (FID, KID, precision, recall).
-            Memorization is always against `train`, leakage against `val` and `test`.
+        reference_split: the real split the synthetic images are compared with (FID, KID, precision, recall):
+            `val` by default, `train` for the images the generator learned from; `test` only when asked for,
+            since choosing a generator by its test-split score reads the test set. Memorization is always
+            against `train`, leakage against `val` and `test`.
         feature: `inception`, `classifier`, `auto` (Inception, else `backbone`) or a timm model name.
         checkpoint_path: for `classifier`, the classifier's Lightning checkpoint; for a timm name, local
             timm-format weights (without it the hub weights; offline, from the local hub cache only).
@@ -375,6 +380,8 @@ def quality(
     """
     if reference_split not in SPLITS:
         raise ValueError(f"reference_split must be one of {SPLITS}, got '{reference_split}'")
+    if reference_split == "test":
+        log.warning("quality against the test split: choosing a generator by this score reads the test set")
     source = load_source(data)
     synth = read_synthetic(synthetic, source.classes)
     extractor = feature_extractor(feature, checkpoint_path, in_chans, backbone, inception_weights)
@@ -448,6 +455,11 @@ def quality(
         f"Quality of {synthetic} against the '{reference_split}' split of {data}; features: {extractor.name}"
     )
     print(table.to_string(float_format="{:.4g}".format))
+    for c, row in table[~table["fid_meaningful"].astype(bool)].iterrows():
+        print(
+            f"FID for '{c}' is not meaningful at n={min(row.n_real, row.n_synthetic)} (fewer images than the "
+            f"{extractor.num_features} feature dimensions): read KID, which is unbiased at any n"
+        )
     for c, size in table["kid_subset_size"].items():
         if size < kid_subset_size:
             print(f"KID subset size for '{c}': {size}, the smaller set (asked for {kid_subset_size})")

@@ -144,9 +144,10 @@ def test_quality_command_logs_to_mlflow(tmp_path, capsys):
     data = tmp_path / "data"
     for c, level in (("a", 0), ("b", 50)):
         (data / c).mkdir(parents=True)
-        for i, x in enumerate(blobs(20, seed=10 + level, size=32, level=level)):
+        for i, x in enumerate(blobs(40, seed=10 + level, size=32, level=level)):
             Image.fromarray(x[0].numpy()).save(data / c / f"{i:02d}.png")
     source = load_source(data)
+    n_val = (source.items["split"] == "val").groupby(source.items["label"]).sum()
     test_a = source.items[(source.items["split"] == "test") & (source.items["label"] == 0)].iloc[0]
     writer = SyntheticWriter(tmp_path / "synthetic", generator="test", run_id="r0")
     for c, level in (("a", 0), ("b", 50)):
@@ -170,6 +171,11 @@ def test_quality_command_logs_to_mlflow(tmp_path, capsys):
 
     out = capsys.readouterr().out
     assert "fid" in out and "test_resnet:file:" in out and f"LEAK: a/{planted.name}" in out
+    # The reference is the validation split unless the test split is asked for; at a handful of images FID is
+    # flagged as not meaningful and the report says to read KID.
+    assert "against the 'val' split" in out and table["n_real"].tolist() == n_val.tolist()
+    assert not table["fid_meaningful"].any() and "FID for 'a' is not meaningful at n=" in out
+    assert list(table.columns[:5]) == ["n_real", "n_synthetic", "kid_mean", "kid_std", "kid_subset_size"]
     assert table.loc["a", "leaked"] == 1 and table.loc["b", "leaked"] == 0
     client = mlflow.MlflowClient(tracking.tracking_uri())
     run = client.search_runs([client.get_experiment_by_name("quality-test").experiment_id])[0]
@@ -181,6 +187,7 @@ def test_quality_command_logs_to_mlflow(tmp_path, capsys):
     } <= metrics.keys()
     assert metrics["quality/leaked/a"] == 1 and math.isclose(metrics["quality/fid/b"], table.loc["b", "fid"])
     assert run.data.params["extractor"] == table.loc["a", "extractor"]
+    assert run.data.params["reference_split"] == "val"
     files = {Path(f.path).name for f in client.list_artifacts(run.info.run_id, "quality")}
     assert {"report.csv", "memorization.csv", "leakage.csv", "closest_pairs.png"} <= files
     leaks = pd.read_csv(client.download_artifacts(run.info.run_id, "quality/leakage.csv", str(tmp_path)))
