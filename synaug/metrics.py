@@ -72,8 +72,7 @@ class ClassificationMetrics(nn.Module):
 
     def confusion_figure(self, title: str = "") -> plt.Figure:
         fig, ax = self.confmat.plot(labels=self.class_names)
-        ax.set_title(title)
-        fig.tight_layout()
+        ax.set_title(title)  # torchmetrics lays the figure out itself (constrained layout)
         return fig
 
     def reset(self) -> None:

@@ -8,6 +8,8 @@ unchanged.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -19,11 +21,15 @@ import matplotlib
 matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
 
 STORE = Path("mlruns")
+# The MLflow UI opens such an experiment in its model-training view (runs, metrics charts), not the GenAI one.
+TRAINING = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -83,7 +89,9 @@ def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
     with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
         exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+        exp_id = (
+            exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri), TRAINING)
+        )
     mark_killed(client, exp_id)
     return exp_id
 
@@ -198,6 +206,60 @@ class MLFlowLogger(_MLFlowLogger):
             logged = self.experiment.get_run(self.run_id).data.params
             params = {k: v for k, v in _flatten_dict(_convert_params(params)).items() if k not in logged}
         super().log_hyperparams(params)
+
+
+TRAINER_PARAMS = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
+
+
+def run_params(config) -> dict[str, object]:
+    """The params of a training run's resolved config (`fit`/`test` subcommand) that its module's own
+    hyperparameters leave out: the optimizer and scheduler with their settings, the trainer's and the seed."""
+    params: dict[str, object] = {"seed_everything": config.get("seed_everything")}
+    model = config.model.init_args
+    for key in ("optimizer", "scheduler"):
+        value = model.get(key)
+        if value is None:
+            continue
+        params[key] = value.class_path.rsplit(".", 1)[-1]
+        params |= {f"{key}.{k}": v for k, v in vars(value.get("init_args") or {}).items()}
+    params |= {f"trainer.{k}": config.trainer.get(k) for k in TRAINER_PARAMS}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def log_datasets(client: mlflow.MlflowClient, run_id: str, dm) -> None:
+    """The run's real and synthetic training sets, validation and test sets as MLflow dataset inputs: the
+    digest is the set's fingerprint (sha256 of its sorted image hashes, cut to MLflow's 36 characters), the
+    profile its per-class counts; the UI's Datasets column shows them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    table = dm.table
+    train = np.zeros(len(table), dtype=bool)
+    train[dm.train_rows] = True
+    synthetic = table["synthetic"].to_numpy(dtype=bool)
+    sets = {
+        "train": (train & ~synthetic, str(dm.hparams.root)),
+        "train_synthetic": (train & synthetic, ",".join(dm.hparams.synthetic or [])),
+        "validation": (table["split"].to_numpy() == "val", str(dm.hparams.root)),
+        "test": (table["split"].to_numpy() == "test", str(dm.hparams.root)),
+    }
+    inputs = []
+    for context, (rows, source) in sets.items():
+        if not rows.any():
+            continue
+        part = table[rows]
+        digest = hashlib.sha256("\n".join(sorted(part["sha256"])).encode()).hexdigest()
+        names = np.asarray(dm.class_names)[part["label"].to_numpy()]
+        counts = pd.Series(names).value_counts().sort_index()
+        profile = {"num_images": int(rows.sum()), "per_class": {k: int(v) for k, v in counts.items()}}
+        dataset = Dataset(
+            name=f"{Path(source.split(',')[0]).name}-{context}",
+            digest=digest[:36],
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def git_commit() -> str:
