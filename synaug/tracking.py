@@ -20,12 +20,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
+
+# MLflow is imported where used (4 s): `synaug fit --help` builds its parser, which reads this module's
+# annotations, without it. The name an annotation of a client reads as:
+Client = "mlflow.MlflowClient"
 
 STORE = Path("mlruns")
 # The MLflow UI opens such an experiment in its model-training view (runs, metrics charts), not the GenAI one.
@@ -85,7 +88,7 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
-def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
+def experiment_id(client: Client, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
     with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
         exp = client.get_experiment_by_name(name)
@@ -108,7 +111,7 @@ def owner() -> dict[str, str]:
     return {HOST: socket.gethostname(), PID: str(os.getpid())}
 
 
-def mark_killed(client: mlflow.MlflowClient, exp_id: str) -> list[str]:
+def mark_killed(client: Client, exp_id: str) -> list[str]:
     """Runs left RUNNING by a process of this machine that no longer exists (SIGKILL, power loss, OOM) are marked
     KILLED; returns their ids. Runs of other machines are left alone (their process cannot be checked here)."""
     killed = []
@@ -133,8 +136,10 @@ def _alive(pid: int) -> bool:
 
 def command_run(
     experiment: str, run_name: str | None, uri: str | None, tags: dict[str, str]
-) -> tuple[mlflow.MlflowClient, str]:
+) -> tuple[Client, str]:
     """A new MLflow run for a command (`synaug sample`, `quality`, `explain`), tagged with the git commit."""
+    import mlflow  # where used: `synaug fit --help` builds its parser without it (4 s)
+
     uri = tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(
@@ -145,9 +150,7 @@ def command_run(
     return client, run.info.run_id
 
 
-CREATED: list[
-    tuple[mlflow.MlflowClient, str]
-] = []  # runs this process's loggers created, for `discard_empty`
+CREATED: list[tuple[Client, str]] = []  # runs this process's loggers created, for `discard_empty`
 
 
 def discard_empty() -> None:
@@ -171,6 +174,8 @@ class MLFlowLogger(_MLFlowLogger):
         run_id: str | None = None,
         log_model: bool = False,
     ):
+        import mlflow
+
         uri = globals()["tracking_uri"](tracking_uri)
         client = mlflow.MlflowClient(uri)
         if run_id is None:
@@ -194,7 +199,7 @@ class MLFlowLogger(_MLFlowLogger):
         )
 
     @property
-    def experiment(self) -> mlflow.MlflowClient:
+    def experiment(self) -> Client:
         new = self._run_id is None
         client = super().experiment
         if new and self._run_id is not None:
@@ -226,7 +231,7 @@ def run_params(config) -> dict[str, object]:
     return {k: v for k, v in params.items() if v is not None}
 
 
-def log_datasets(client: mlflow.MlflowClient, run_id: str, dm) -> None:
+def log_datasets(client: Client, run_id: str, dm) -> None:
     """The run's real and synthetic training sets, validation and test sets as MLflow dataset inputs: the
     digest is the set's fingerprint (sha256 of its sorted image hashes, cut to MLflow's 36 characters), the
     profile its per-class counts; the UI's Datasets column shows them."""
@@ -281,6 +286,6 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def log_figure(client: mlflow.MlflowClient, run_id: str, fig: plt.Figure, path: str) -> None:
+def log_figure(client: Client, run_id: str, fig: plt.Figure, path: str) -> None:
     client.log_figure(run_id, fig, path)
     plt.close(fig)

@@ -17,10 +17,10 @@ from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.core import LightningModule
 
-from synaug.classifiers.base import Classifier
 from synaug.data import ClassificationData
-from synaug.generators.base import GeneratorModule
-from synaug.tracking import MLFlowLogger, git_commit, log_datasets, log_figure, run_params
+
+# The classifier and generator bases, timm and MLflow are imported where used: `synaug fit --help` builds the
+# parser from the signatures of the Trainer and of ClassificationData only.
 
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 
@@ -30,6 +30,8 @@ class TrackRun(SaveConfigCallback):
     fingerprints and per-class counts, and a grid of training images labelled real/synthetic."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        from synaug.tracking import MLFlowLogger, git_commit, log_datasets, log_figure, run_params
+
         logger = trainer.logger
         if not isinstance(logger, MLFlowLogger):
             return
@@ -56,6 +58,8 @@ class TrackRun(SaveConfigCallback):
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # A resumed fit (`--ckpt_path`) continues this run: its metrics, its checkpoint folder, its best score.
+        from synaug.tracking import MLFlowLogger
+
         if isinstance(trainer.logger, MLFlowLogger):
             checkpoint["mlflow_run_id"] = trainer.logger.run_id
 
@@ -116,6 +120,9 @@ class SynAugCLI(LightningCLI):
         # A classifier keeps its best checkpoint by validation macro-F1 (the one `test_after_fit` evaluates)
         # unless the config names a ModelCheckpoint. Added to the config, not to trainer_defaults (which every
         # model, generators included, would get on top of its own), so the logged config.yaml shows it.
+        from synaug.classifiers.base import Classifier
+        from synaug.generators.base import GeneratorModule
+
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         module, _, name = cfg.model.class_path.rpartition(".")
         model = getattr(importlib.import_module(module), name)
@@ -189,6 +196,8 @@ def run_name(cfg) -> str:
 
 def results_note(trainer) -> str:
     """Where a finished run's results are: its MLflow run, the command that shows it, its checkpoints."""
+    from synaug.tracking import MLFlowLogger
+
     lines = []
     logger = trainer.logger
     if isinstance(logger, MLFlowLogger):
