@@ -92,7 +92,36 @@ def run_function(fn: Callable, argv: list[str], prog: str):
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_function_arguments(fn, as_positional=True)
     cfg = parser.instantiate_classes(parser.parse_args(respell(argv, inspect.signature(fn).parameters)))
-    return fn(**{k: cfg[k] for k in inspect.signature(fn).parameters})
+    kwargs = {k: cfg[k] for k in inspect.signature(fn).parameters}
+    result = fn(**kwargs)
+    if note := results_note(fn, result, kwargs):
+        print(note)
+    return result
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def results_note(fn: Callable, result, kwargs: dict) -> str:
+    """Where a command's results are: the MLflow run it made (name, id, experiment, the UI command), the Optuna
+    study and the dashboard command, the output folder."""
+    lines = []
+    tracking = sys.modules.get("synaug.tracking")
+    if tracking is not None:
+        uri = tracking.tracking_uri(kwargs.get("tracking_uri") or kwargs.get("tracking"))
+        runs = [r for u, r in tracking.COMMAND_RUNS if u == uri]
+        run_id = (
+            result if isinstance(result, str) and RUN_ID.fullmatch(result) else (runs[-1] if runs else None)
+        )
+        if run_id:
+            lines += tracking.run_note(uri, run_id)
+    if type(result).__name__ == "FrozenTrial":  # synaug tune
+        storage = kwargs.get("storage") or sys.modules[fn.__module__].default_storage()
+        lines += [f"Optuna study {kwargs['name']} in {storage}", f"  show it: optuna-dashboard {storage}"]
+    out = kwargs.get("out") or (result if isinstance(result, os.PathLike) else None)
+    if out:
+        lines.append(f"output folder: {out}")
+    return "\n".join(["", "results:", *lines]) if lines else ""
 
 
 def respell(argv: list[str], params) -> list[str]:

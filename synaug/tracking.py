@@ -147,7 +147,24 @@ def command_run(
         run_name=run_name,
         tags={**tags, "git_commit": git_commit(), **owner()},
     )
+    COMMAND_RUNS.append((uri, run.info.run_id))
     return client, run.info.run_id
+
+
+COMMAND_RUNS: list[tuple[str, str]] = []  # (store, run id) of the command runs this process made: `results:`
+
+
+def run_note(uri: str, run_id: str) -> list[str]:
+    """Where a run is, for a command's `results:` block: its name, id and experiment, and how to show it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return [
+        f"MLflow run {run.info.run_name} ({run_id}) in experiment {experiment}",
+        f"  show it: mlflow ui --backend-store-uri {uri}",
+    ]
 
 
 CREATED: list[tuple[Client, str]] = []  # runs this process's loggers created, for `discard_empty`

@@ -196,18 +196,12 @@ def run_name(cfg) -> str:
 
 def results_note(trainer) -> str:
     """Where a finished run's results are: its MLflow run, the command that shows it, its checkpoints."""
-    from synaug.tracking import MLFlowLogger
+    from synaug.tracking import MLFlowLogger, run_note
 
     lines = []
     logger = trainer.logger
     if isinstance(logger, MLFlowLogger):
-        client = logger.experiment
-        run = client.get_run(logger.run_id)
-        experiment = client.get_experiment(run.info.experiment_id).name
-        lines += [
-            f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment {experiment}",
-            f"  show it: mlflow ui --backend-store-uri {logger._tracking_uri}",
-        ]
+        lines += run_note(logger._tracking_uri, logger.run_id)
     callback = trainer.checkpoint_callback
     if callback is not None and callback.dirpath:
         best = f" (best: {callback.best_model_path})" if callback.best_model_path else ""

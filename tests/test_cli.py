@@ -200,3 +200,19 @@ def test_generate_from_folder_is_a_subcommand_and_the_old_spelling_still_runs(tm
             main(argv)
         assert exit.value.code == 0
         assert "usage: synaug generate from-folder" in capsys.readouterr().out
+
+
+def test_a_command_ends_with_where_its_results_are(tmp_path, monkeypatch):
+    from synaug import tracking
+    from synaug.cli import results_note
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, run_id = tracking.command_run("notes", "a-run", uri, {})
+
+    def quality(out: str, tracking_uri: str | None = None): ...
+
+    note = results_note(quality, None, {"out": "synthetic/x", "tracking_uri": uri})  # the run it made
+    assert f"MLflow run a-run ({run_id}) in experiment notes" in note
+    assert f"mlflow ui --backend-store-uri {uri}" in note and "output folder: synthetic/x" in note
+    assert results_note(quality, None, {"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"}) == ""
