@@ -216,3 +216,11 @@ def test_a_command_ends_with_where_its_results_are(tmp_path, monkeypatch):
     assert f"MLflow run a-run ({run_id}) in experiment notes" in note
     assert f"mlflow ui --backend-store-uri {uri}" in note and "output folder: synthetic/x" in note
     assert results_note(quality, None, {"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"}) == ""
+
+
+def test_no_lightning_args_warning_when_sys_argv_holds_the_same_words(breast_npz, monkeypatch, recwarn):
+    # `synaug fit ...` hands LightningCLI the words of sys.argv it has read: Lightning's warning is not for it
+    args = ["-c", str(CONFIGS[0].parent / "basic_cnn.yaml"), *_small(breast_npz)]
+    monkeypatch.setattr(sys, "argv", ["synaug", "fit", *args])
+    SynAugCLI(args=args, run=False)
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
