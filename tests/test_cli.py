@@ -224,3 +224,23 @@ def test_no_lightning_args_warning_when_sys_argv_holds_the_same_words(breast_npz
     monkeypatch.setattr(sys, "argv", ["synaug", "fit", *args])
     SynAugCLI(args=args, run=False)
     assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
+
+
+def test_quiet_by_default_and_verbose_brings_the_model_summary_back(breast_npz, monkeypatch, request):
+    import logging
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from synaug.cli import CHATTY, quiet
+
+    levels = {name: logging.getLogger(name).level for name in CHATTY}
+    request.addfinalizer(lambda: [logging.getLogger(n).setLevel(v) for n, v in levels.items()])
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    args = ["-c", str(CONFIGS[0].parent / "basic_cnn.yaml"), *_small(breast_npz)]
+    quiet()  # what main() does without -v
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
+    summaries = lambda cli: [c for c in cli.trainer.callbacks if isinstance(c, ModelSummary)]  # noqa: E731
+    assert summaries(SynAugCLI(args=args, run=False)) == []
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.INFO)  # -v: Lightning's own
+    assert len(summaries(SynAugCLI(args=args, run=False))) == 1
