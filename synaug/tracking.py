@@ -230,7 +230,12 @@ class MLFlowLogger(_MLFlowLogger):
         super().log_hyperparams(params)
 
 
-TRAINER_PARAMS = ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")
+TRAINER_PARAMS = (
+    "max_epochs",
+    "max_steps",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+)  # precision: as resolved
 
 
 def run_params(config) -> dict[str, object]:

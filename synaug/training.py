@@ -42,7 +42,7 @@ class TrackRun(SaveConfigCallback):
         client.set_tag(run, "model", type(pl_module).__name__)
         # What tells this run from another in the UI's compare view (optimizer and its settings, epochs,
         # precision, ...): the module's own hyperparameters leave the optimizer and the trainer out.
-        logger.log_hyperparams(run_params(self.config))
+        logger.log_hyperparams(run_params(self.config) | {"trainer.precision": trainer.precision})
         dm = trainer.datamodule
         if isinstance(dm, ClassificationData):
             client.set_tag(run, "data.fingerprint", dm.fingerprint)

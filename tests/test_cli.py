@@ -85,7 +85,7 @@ def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_p
     assert run.data.params["backbone"] == "basic_cnn" and run.data.params["image_size"] == "32"
     # the optimizer and trainer settings, which the module's own hyperparameters leave out
     assert run.data.params["optimizer"] == "Adam" and float(run.data.params["optimizer.lr"]) > 0
-    assert run.data.params["trainer.max_epochs"] == "1"
+    assert run.data.params["trainer.max_epochs"] == "1" and run.data.params["trainer.precision"] == "32-true"
     assert run.info.run_name == "basic_cnn-32px-hflip"  # from its settings, not fixed by the config
     inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
     assert set(inputs) == {"breastmnist.npz-train", "breastmnist.npz-validation", "breastmnist.npz-test"}
