@@ -190,7 +190,10 @@ class MLFlowLogger(_MLFlowLogger):
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
         log_model: bool = False,
+        system_metrics: bool = False,
     ):
+        """`system_metrics`: also log the machine's CPU, memory, disk, network and GPU use as `system/*` metrics
+        (MLflow's monitor, every `$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds, default 10) while it trains."""
         import mlflow
 
         uri = globals()["tracking_uri"](tracking_uri)
@@ -204,7 +207,7 @@ class MLFlowLogger(_MLFlowLogger):
             client.update_run(run_id, "RUNNING")
             for k, v in owner().items():
                 client.set_tag(run_id, k, v)
-        self._continued = run_id
+        self._continued, self.system_metrics, self._monitor = run_id, system_metrics, None
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -222,6 +225,21 @@ class MLFlowLogger(_MLFlowLogger):
         if new and self._run_id is not None:
             CREATED.append((client, self._run_id))
         return client
+
+    def start_system_metrics(self) -> None:
+        if self.system_metrics and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, tracking_uri=self._tracking_uri
+            )
+            self._monitor.start()
+
+    def finalize(self, status: str = "success") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        super().finalize(status)
 
     def log_hyperparams(self, params) -> None:
         if self._continued:  # MLflow params are immutable: a resumed run keeps the values it started with

@@ -36,6 +36,7 @@ class TrackRun(SaveConfigCallback):
         if not isinstance(logger, MLFlowLogger):
             return
         client, run = logger.experiment, logger.run_id
+        logger.start_system_metrics()
         client.log_text(run, self.parser.dump(self.config, skip_none=False), "config.yaml")
         client.set_tag(run, "git_commit", git_commit())
         client.set_tag(run, "stage", trainer.state.fn.value)

@@ -59,6 +59,7 @@ def _runs(experiment: str):
 
 def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     main(
         [
             "fit",
@@ -67,6 +68,8 @@ def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_p
             *_small(breast_npz),
             "--trainer.logger.init_args.experiment_name",
             "cli-test",
+            "--trainer.logger.init_args.system_metrics",
+            "true",
         ]
     )
     client, runs = _runs("cli-test")
@@ -82,6 +85,7 @@ def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_p
         "test/auroc",
     } <= set(run.data.metrics)
     assert run.data.tags["data.fingerprint"] and run.data.tags["git_commit"]
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # asked for with system_metrics
     assert run.data.params["backbone"] == "basic_cnn" and run.data.params["image_size"] == "32"
     # the optimizer and trainer settings, which the module's own hyperparameters leave out
     assert run.data.params["optimizer"] == "Adam" and float(run.data.params["optimizer.lr"]) > 0
