@@ -85,9 +85,11 @@ trainer:
     (out / "glioma/000001.png").unlink()
     main(args)
     assert sorted(pd.read_csv(out / "manifest.csv")["path"]) == sorted(items["path"])
-    with pytest.raises(ValueError, match="holds images generated with"):  # other settings, same folder
+    # other settings, same folder: a user error (one line, exit 2; `--debug` for the ValueError)
+    with pytest.raises(ValueError, match="holds images generated with"):
         main(
             [
+                "--debug",
                 "generate",
                 str(export),
                 str(out),
@@ -100,7 +102,18 @@ trainer:
             ]
         )
     with pytest.raises(ValueError, match=r"takes the sampling options \['noise'\]; unknown: \['steps'\]"):
-        main(["generate", str(export), str(tmp_path / "other"), "--sampler", "{steps: 2}", "--device", "cpu"])
+        main(
+            [
+                "--debug",
+                "generate",
+                str(export),
+                str(tmp_path / "other"),
+                "--sampler",
+                "{steps: 2}",
+                "--device",
+                "cpu",
+            ]
+        )
 
 
 def test_every_builtin_kind_is_registered_once_with_how_to_train_and_load_it():
