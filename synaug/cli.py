@@ -1,181 +1,141 @@
-"""`synaug`: LightningCLI for training (`fit`, `validate`, `test`, `predict`) and plain commands for the rest.
+"""`synaug`: LightningCLI verbs for training (`fit`, `validate`, `test`, `predict`, see `synaug.training`) and
+plain commands for the rest, each a function whose signature is its schema, with `-c config.yaml` as well.
 
-Training runs are configured by YAML under `configs/` (`synaug fit -c configs/classifiers/resnet18.yaml`);
-the type-hinted `__init__` of the model and of `ClassificationData` is the schema, so a mistyped key is an
-error that names it. Every run lands in MLflow with its resolved config, git commit and data fingerprints.
-The other commands are functions whose signatures are their schema, with `-c config.yaml` as well.
+This module stays light: `synaug --help`, `--version` and a mistyped command import neither torch, Lightning nor
+MLflow; a command imports what it runs. By default a command prints its own progress and results and none of the
+libraries' notices (`-v` shows them); a user error is one line and exit status 2 (`--debug` for the traceback).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import inspect
+import logging
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
-from pathlib import Path
 
-import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.core import LightningModule
-
-from synaug.classifiers.base import Classifier
-from synaug.data import ClassificationData
-from synaug.generators.base import GeneratorModule
-from synaug.tracking import MLFlowLogger, discard_empty, git_commit, log_figure
-
-CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
 COMMANDS = {
     "data audit": "synaug.data.audit:audit",
     "sample": "synaug.sampling:sample",
     # Before "generate": main() takes the first name that prefixes the arguments.
     "generate img2img": "synaug.generators.stable_diffusion.img2img:img2img",
-    "generate --from-folder": "synaug.generators.external:import_folder",
+    "generate from-folder": "synaug.generators.external:import_folder",
     "generate": "synaug.generators.generate:generate",
     "quality": "synaug.evaluation.quality:quality",
     "explain": "synaug.evaluation.explain:explain",
     "experiment": "synaug.experiment:experiment",
     "tune": "synaug.tune:tune",
 }
+TRAINING = {
+    "fit": "train a classifier or a generator from a config (then test the best checkpoint)",
+    "validate": "evaluate a checkpoint on the validation set",
+    "test": "evaluate a checkpoint on the test set",
+    "predict": "class probabilities of a checkpoint on a split",
+}
+# One line per command for `synaug --help` (the function's docstring says the rest: `synaug COMMAND --help`).
+SUMMARIES = {
+    "data audit": "audit a dataset: duplicates, near twins across splits, label conflicts, imbalance",
+    "sample": "representative images per class, clustered (which images to train a generator on)",
+    "generate img2img": "Stable Diffusion img2img variants of every real image (noise augmentation)",
+    "generate from-folder": "import externally generated images as a synthetic folder",
+    "generate": "sample a trained generator into a synthetic folder",
+    "quality": "per-class quality of a synthetic folder against the real images (FID, KID, k-NN, leaks)",
+    "explain": "Grad-CAM of a classifier on real vs synthetic images of each class",
+    "experiment": "train and test a grid of cells x seeds, then report with confidence intervals",
+    "tune": "tune the synthetic ratio per class on validation data (Optuna)",
+}
+# The old spellings still run.
+RENAMED = {"generate --from-folder": "generate from-folder"}
+# One spelling for one option everywhere (MLflow's own): a command whose function names it otherwise (`tracking`,
+# `name`) takes both spellings from the command line.
+SPELLINGS = {"tracking_uri": "tracking", "experiment": "name"}
 
 
-class TrackRun(SaveConfigCallback):
-    """Logs what makes a run reproducible and inspectable: the resolved config, the git commit, the data's
-    fingerprints and per-class counts, and a grid of training images labelled real/synthetic."""
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        logger = trainer.logger
-        if not isinstance(logger, MLFlowLogger):
-            return
-        client, run = logger.experiment, logger.run_id
-        client.log_text(run, self.parser.dump(self.config, skip_none=False), "config.yaml")
-        client.set_tag(run, "git_commit", git_commit())
-        client.set_tag(run, "stage", trainer.state.fn.value)
-        client.set_tag(run, "model", type(pl_module).__name__)
-        dm = trainer.datamodule
-        if isinstance(dm, ClassificationData):
-            client.set_tag(run, "data.fingerprint", dm.fingerprint)
-            client.set_tag(run, "data.train_fingerprint", dm.train_fingerprint)
-            client.log_text(run, dm.counts.to_csv(), "data/counts.csv")
-            client.log_metric(run, "data/skipped_images", len(dm.skipped))
-            client.log_metric(run, "data/dropped_test_twins", dm.dropped_twins)
-            if dm.skipped:
-                client.log_text(run, "\n".join(map(str, dm.skipped)), "data/skipped_images.txt")
-            log_figure(client, run, dm.preview_figure(), "data/train_grid.png")
-
-    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        # A resumed fit (`--ckpt_path`) continues this run: its metrics, its checkpoint folder, its best score.
-        if isinstance(trainer.logger, MLFlowLogger):
-            checkpoint["mlflow_run_id"] = trainer.logger.run_id
+def usage() -> str:
+    width = max(map(len, [*COMMANDS, *TRAINING])) + 2
+    lines = [
+        "usage: synaug [-h] [--version] [-v] [--debug] COMMAND ...",
+        "",
+        "Does adding synthetic images make an image classifier better, for which classes, from which generator,",
+        "at which real/synthetic ratio?",
+        "",
+        "training (LightningCLI, `synaug fit -c CONFIG.yaml`):",
+        *(f"  {name:<{width}}{text}" for name, text in TRAINING.items()),
+        "",
+        "commands (`synaug COMMAND -c CONFIG.yaml`, or options; `synaug COMMAND --help`):",
+        *(f"  {name:<{width}}{SUMMARIES[name]}" for name in COMMANDS),
+        "",
+        "options:",
+        "  -h, --help     this message",
+        "  --version      synaug's version",
+        "  -v, --verbose  the libraries' notices too (Lightning, MLflow, model summary)",
+        "  --debug        a user error's traceback (also $SYNAUG_DEBUG=1)",
+    ]
+    return "\n".join(lines)
 
 
-def resumed_run(ckpt_path) -> str | None:
-    """The MLflow run a checkpoint was written by (`TrackRun`), if it names one."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        return None  # Lightning's "last" / "best" / "hpc", or a missing file it reports itself
-    return torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True).get("mlflow_run_id")
+def version() -> str:
+    from synaug import __version__
 
-
-class SynAugCLI(LightningCLI):
-    def __init__(self, args=None, run: bool = True):
-        super().__init__(
-            LightningModule,
-            ClassificationData,
-            subclass_mode_model=True,
-            save_config_callback=TrackRun,
-            save_config_kwargs={"save_to_log_dir": False},
-            trainer_defaults={
-                "default_root_dir": "outputs",
-                "logger": {"class_path": "synaug.tracking.MLFlowLogger"},
-                "plugins": [{"class_path": "synaug.utils.AtomicCheckpointIO"}],  # no truncated .ckpt, ever
-            },
-            seed_everything_default=0,
-            args=args,
-            run=run,
-        )
-
-    def add_arguments_to_parser(self, parser) -> None:
-        for source, target in [
-            ("num_classes", "num_classes"),
-            ("class_names", "class_names"),
-            ("channels", "in_chans"),
-            ("image_size", "image_size"),
-        ]:
-            parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
-        parser.add_argument(
-            "--test_after_fit",
-            type=bool | None,
-            default=None,
-            help="After fit, evaluate the best checkpoint once on the test set (default: for a classifier; a "
-            "generator has no test step).",
-        )
-
-    def before_instantiate_classes(self) -> None:
-        # A classifier keeps its best checkpoint by validation macro-F1 (the one `test_after_fit` evaluates)
-        # unless the config names a ModelCheckpoint. Added to the config, not to trainer_defaults (which every
-        # model, generators included, would get on top of its own), so the logged config.yaml shows it.
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        module, _, name = cfg.model.class_path.rpartition(".")
-        model = getattr(importlib.import_module(module), name)
-        if cfg.get("test_after_fit") is None:
-            cfg.test_after_fit = issubclass(model, Classifier)
-        if issubclass(model, GeneratorModule) and cfg.trainer.limit_val_batches is None:
-            # A generator has no validation loss: its sample grids (SampleGrid) show progress.
-            cfg.trainer.limit_val_batches = 0
-        callbacks = cfg.trainer.callbacks or []
-        if issubclass(model, Classifier) and not any(
-            c.class_path.endswith(".ModelCheckpoint") for c in callbacks
-        ):
-            checkpoint = Namespace(monitor="val/f1_macro", mode="max", save_last=True)  # last.ckpt: resume
-            cfg.trainer.callbacks = [*callbacks, Namespace(class_path=CHECKPOINT, init_args=checkpoint)]
-        logger = cfg.trainer.logger
-        if (
-            self.subcommand == "fit"
-            and isinstance(logger, Namespace)
-            and logger.class_path == "synaug.tracking.MLFlowLogger"
-            and not logger.init_args.get("run_id")
-            and (run_id := resumed_run(cfg.ckpt_path))
-        ):
-            logger.init_args.run_id = run_id
-
-    def after_fit(self) -> None:
-        if self.config[self.subcommand].test_after_fit:
-            best = self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path
-            self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
-        print(results_note(self.trainer))
-
-    def after_test(self) -> None:
-        print(results_note(self.trainer))
-
-
-def results_note(trainer) -> str:
-    """Where a finished run's results are: its MLflow run, the command that shows it, its checkpoints."""
-    lines = []
-    logger = trainer.logger
-    if isinstance(logger, MLFlowLogger):
-        client = logger.experiment
-        run = client.get_run(logger.run_id)
-        experiment = client.get_experiment(run.info.experiment_id).name
-        lines += [
-            f"MLflow run {run.info.run_name} ({run.info.run_id}) in experiment {experiment}",
-            f"  show it: mlflow ui --backend-store-uri {logger._tracking_uri}",
-        ]
-    callback = trainer.checkpoint_callback
-    if callback is not None and callback.dirpath:
-        best = f" (best: {callback.best_model_path})" if callback.best_model_path else ""
-        lines.append(f"checkpoints: {callback.dirpath}{best}")
-    return "\n".join(["", "results:", *lines])
+    return __version__
 
 
 def run_function(fn: Callable, argv: list[str], prog: str):
     """Run a command function from the command line: its signature is the schema, `-c` reads YAML."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
     parser = ArgumentParser(prog=prog, description=inspect.getdoc(fn))
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_function_arguments(fn, as_positional=True)
-    cfg = parser.instantiate_classes(parser.parse_args(argv))
-    return fn(**{k: cfg[k] for k in inspect.signature(fn).parameters})
+    cfg = parser.instantiate_classes(parser.parse_args(respell(argv, inspect.signature(fn).parameters)))
+    kwargs = {k: cfg[k] for k in inspect.signature(fn).parameters}
+    result = fn(**kwargs)
+    if note := results_note(fn, result, kwargs):
+        print(note)
+    return result
+
+
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def results_note(fn: Callable, result, kwargs: dict) -> str:
+    """Where a command's results are: the MLflow run it made (name, id, experiment, the UI command), the Optuna
+    study and the dashboard command, the output folder."""
+    lines = []
+    tracking = sys.modules.get("synaug.tracking")
+    if tracking is not None:
+        uri = tracking.tracking_uri(kwargs.get("tracking_uri") or kwargs.get("tracking"))
+        runs = [r for u, r in tracking.COMMAND_RUNS if u == uri]
+        run_id = (
+            result if isinstance(result, str) and RUN_ID.fullmatch(result) else (runs[-1] if runs else None)
+        )
+        if run_id:
+            lines += tracking.run_note(uri, run_id)
+    if type(result).__name__ == "FrozenTrial":  # synaug tune
+        storage = kwargs.get("storage") or sys.modules[fn.__module__].default_storage()
+        lines += [f"Optuna study {kwargs['name']} in {storage}", f"  show it: optuna-dashboard {storage}"]
+    out = kwargs.get("out") or (result if isinstance(result, os.PathLike) else None)
+    if out:
+        lines.append(f"output folder: {out}")
+    return "\n".join(["", "results:", *lines]) if lines else ""
+
+
+def respell(argv: list[str], params) -> list[str]:
+    """`--tracking_uri X` for a function whose parameter is `tracking` (and the other way round), likewise
+    `--experiment` / `--name`: the spelling the user knows from the other commands works here too."""
+    other = {**SPELLINGS, **{v: k for k, v in SPELLINGS.items()}}
+    out = []
+    for word in argv:
+        key, eq, value = word.partition("=")
+        name = key[2:]
+        if key.startswith("--") and name in other and name not in params and other[name] in params:
+            word = f"--{other[name]}{eq}{value}"
+        out.append(word)
+    return out
 
 
 # ---- main() and its error paths ----
@@ -202,35 +162,82 @@ def user_message(err: BaseException) -> str:
     return " ".join(text.split())
 
 
+# Loggers whose INFO lines are the libraries talking about themselves ("GPU available", "Seed set", the
+# litlogger tip, MLflow creating its tables); set on these names, not on "lightning.pytorch", which Lightning
+# resets to INFO when it is imported.
+CHATTY = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+    "mlflow.store.db.utils",
+    "alembic",
+)
+
+
+def quiet() -> None:
+    """A command's own output only: the libraries' INFO notices and the deprecations they trigger are left out."""
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning's own use of a torch API torch deprecates: nothing a user can change.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """`synaug ...`: a user error prints one line and exits 2; `--debug` (or $SYNAUG_DEBUG=1) shows the traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
+    verbose = "-v" in argv or "--verbose" in argv
+    argv = [a for a in argv if a not in ("--debug", "-v", "--verbose")]
     try:
-        dispatch(argv)
+        dispatch(argv, verbose)
     except USER_ERRORS as err:
-        discard_empty()
+        if tracking := sys.modules.get("synaug.tracking"):  # only a command that opened MLflow created runs
+            tracking.discard_empty()
         if debug:
             raise
         print(f"synaug: error: {user_message(err)}  (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def dispatch(argv: list[str]) -> None:
+def dispatch(argv: list[str], verbose: bool = True) -> None:
+    if argv in ([], ["-h"], ["--help"]):
+        print(usage())
+        return
+    if argv == ["--version"]:
+        print(f"synaug {version()}")
+        return
+    for old, new in RENAMED.items():
+        if argv[: len(old.split())] == old.split():
+            argv = [*new.split(), *argv[len(old.split()) :]]
     for name, target in COMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
+            if not verbose:
+                quiet()
             module, fn = target.split(":")
             run_function(getattr(importlib.import_module(module), fn), argv[len(words) :], f"synaug {name}")
             return
-    if argv in ([], ["-h"], ["--help"]):
-        print(
-            "usage: synaug {fit,validate,test,predict} -c CONFIG.yaml   (LightningCLI; `synaug fit --help`)\n"
-            "       synaug {" + ",".join(COMMANDS) + "} [-c CONFIG.yaml] ...   (`synaug COMMAND --help`)"
-        )
-        return
+    if not argv[0].startswith("-") and argv[0] not in TRAINING:
+        if group := [name for name in COMMANDS if name.split()[0] == argv[0]]:
+            print(f"synaug: error: '{argv[0]}' needs a subcommand: {', '.join(group)}", file=sys.stderr)
+            raise SystemExit(2)
+        known = sorted({*TRAINING, *(name.split()[0] for name in COMMANDS)})
+        close = difflib.get_close_matches(argv[0], known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; the commands: {', '.join(known)}"
+        print(f"synaug: error: unknown command '{argv[0]}'{hint}  (synaug --help)", file=sys.stderr)
+        raise SystemExit(2)
+    if not verbose:
+        quiet()
+    from synaug.training import SynAugCLI
+
     SynAugCLI(args=argv)
+
+
+def __getattr__(name: str):
+    # `from synaug.cli import SynAugCLI` (grids, tests) without importing Lightning for `synaug --help`
+    if name in ("SynAugCLI", "TrackRun", "results_note", "resumed_run", "CHECKPOINT"):
+        return getattr(importlib.import_module("synaug.training"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

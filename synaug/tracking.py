@@ -8,6 +8,8 @@ unchanged.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import os
 import socket
 import subprocess
@@ -18,12 +20,19 @@ import matplotlib
 
 matplotlib.use("Agg")  # runs are headless: workers, CI, remote GPUs
 import matplotlib.pyplot as plt  # noqa: E402
-import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
 
+# MLflow is imported where used (4 s): `synaug fit --help` builds its parser, which reads this module's
+# annotations, without it. The name an annotation of a client reads as:
+Client = "mlflow.MlflowClient"
+
 STORE = Path("mlruns")
+# The MLflow UI opens such an experiment in its model-training view (runs, metrics charts), not the GenAI one.
+TRAINING = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri(uri: str | None = None) -> str:
@@ -79,11 +88,13 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").resolve().as_uri()
 
 
-def experiment_id(client: mlflow.MlflowClient, name: str, uri: str) -> str:
+def experiment_id(client: Client, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
     with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
         exp = client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri))
+        exp_id = (
+            exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri), TRAINING)
+        )
     mark_killed(client, exp_id)
     return exp_id
 
@@ -100,7 +111,7 @@ def owner() -> dict[str, str]:
     return {HOST: socket.gethostname(), PID: str(os.getpid())}
 
 
-def mark_killed(client: mlflow.MlflowClient, exp_id: str) -> list[str]:
+def mark_killed(client: Client, exp_id: str) -> list[str]:
     """Runs left RUNNING by a process of this machine that no longer exists (SIGKILL, power loss, OOM) are marked
     KILLED; returns their ids. Runs of other machines are left alone (their process cannot be checked here)."""
     killed = []
@@ -125,8 +136,10 @@ def _alive(pid: int) -> bool:
 
 def command_run(
     experiment: str, run_name: str | None, uri: str | None, tags: dict[str, str]
-) -> tuple[mlflow.MlflowClient, str]:
+) -> tuple[Client, str]:
     """A new MLflow run for a command (`synaug sample`, `quality`, `explain`), tagged with the git commit."""
+    import mlflow  # where used: `synaug fit --help` builds its parser without it (4 s)
+
     uri = tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     run = client.create_run(
@@ -134,12 +147,27 @@ def command_run(
         run_name=run_name,
         tags={**tags, "git_commit": git_commit(), **owner()},
     )
+    COMMAND_RUNS.append((uri, run.info.run_id))
     return client, run.info.run_id
 
 
-CREATED: list[
-    tuple[mlflow.MlflowClient, str]
-] = []  # runs this process's loggers created, for `discard_empty`
+COMMAND_RUNS: list[tuple[str, str]] = []  # (store, run id) of the command runs this process made: `results:`
+
+
+def run_note(uri: str, run_id: str) -> list[str]:
+    """Where a run is, for a command's `results:` block: its name, id and experiment, and how to show it."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(run_id)
+    experiment = client.get_experiment(run.info.experiment_id).name
+    return [
+        f"MLflow run {run.info.run_name} ({run_id}) in experiment {experiment}",
+        f"  show it: mlflow ui --backend-store-uri {uri}",
+    ]
+
+
+CREATED: list[tuple[Client, str]] = []  # runs this process's loggers created, for `discard_empty`
 
 
 def discard_empty() -> None:
@@ -162,7 +190,12 @@ class MLFlowLogger(_MLFlowLogger):
         tags: dict[str, str] | None = None,
         run_id: str | None = None,
         log_model: bool = False,
+        system_metrics: bool = False,
     ):
+        """`system_metrics`: also log the machine's CPU, memory, disk, network and GPU use as `system/*` metrics
+        (MLflow's monitor, every `$MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL` seconds, default 10) while it trains."""
+        import mlflow
+
         uri = globals()["tracking_uri"](tracking_uri)
         client = mlflow.MlflowClient(uri)
         if run_id is None:
@@ -174,7 +207,7 @@ class MLFlowLogger(_MLFlowLogger):
             client.update_run(run_id, "RUNNING")
             for k, v in owner().items():
                 client.set_tag(run_id, k, v)
-        self._continued = run_id
+        self._continued, self.system_metrics, self._monitor = run_id, system_metrics, None
         super().__init__(
             experiment_name=experiment_name,
             run_name=run_name,
@@ -186,18 +219,92 @@ class MLFlowLogger(_MLFlowLogger):
         )
 
     @property
-    def experiment(self) -> mlflow.MlflowClient:
+    def experiment(self) -> Client:
         new = self._run_id is None
         client = super().experiment
         if new and self._run_id is not None:
             CREATED.append((client, self._run_id))
         return client
 
+    def start_system_metrics(self) -> None:
+        if self.system_metrics and self._monitor is None:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, resume_logging=True, tracking_uri=self._tracking_uri
+            )
+            self._monitor.start()
+
+    def finalize(self, status: str = "success") -> None:
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        super().finalize(status)
+
     def log_hyperparams(self, params) -> None:
         if self._continued:  # MLflow params are immutable: a resumed run keeps the values it started with
             logged = self.experiment.get_run(self.run_id).data.params
             params = {k: v for k, v in _flatten_dict(_convert_params(params)).items() if k not in logged}
         super().log_hyperparams(params)
+
+
+TRAINER_PARAMS = (
+    "max_epochs",
+    "max_steps",
+    "accumulate_grad_batches",
+    "gradient_clip_val",
+)  # precision: as resolved
+
+
+def run_params(config) -> dict[str, object]:
+    """The params of a training run's resolved config (`fit`/`test` subcommand) that its module's own
+    hyperparameters leave out: the optimizer and scheduler with their settings, the trainer's and the seed."""
+    params: dict[str, object] = {"seed_everything": config.get("seed_everything")}
+    model = config.model.init_args
+    for key in ("optimizer", "scheduler"):
+        value = model.get(key)
+        if value is None:
+            continue
+        params[key] = value.class_path.rsplit(".", 1)[-1]
+        params |= {f"{key}.{k}": v for k, v in vars(value.get("init_args") or {}).items()}
+    params |= {f"trainer.{k}": config.trainer.get(k) for k in TRAINER_PARAMS}
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def log_datasets(client: Client, run_id: str, dm) -> None:
+    """The run's real and synthetic training sets, validation and test sets as MLflow dataset inputs: the
+    digest is the set's fingerprint (sha256 of its sorted image hashes, cut to MLflow's 36 characters), the
+    profile its per-class counts; the UI's Datasets column shows them."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    table = dm.table
+    train = np.zeros(len(table), dtype=bool)
+    train[dm.train_rows] = True
+    synthetic = table["synthetic"].to_numpy(dtype=bool)
+    sets = {
+        "train": (train & ~synthetic, str(dm.hparams.root)),
+        "train_synthetic": (train & synthetic, ",".join(dm.hparams.synthetic or [])),
+        "validation": (table["split"].to_numpy() == "val", str(dm.hparams.root)),
+        "test": (table["split"].to_numpy() == "test", str(dm.hparams.root)),
+    }
+    inputs = []
+    for context, (rows, source) in sets.items():
+        if not rows.any():
+            continue
+        part = table[rows]
+        digest = hashlib.sha256("\n".join(sorted(part["sha256"])).encode()).hexdigest()
+        names = np.asarray(dm.class_names)[part["label"].to_numpy()]
+        counts = pd.Series(names).value_counts().sort_index()
+        profile = {"num_images": int(rows.sum()), "per_class": {k: int(v) for k, v in counts.items()}}
+        dataset = Dataset(
+            name=f"{Path(source.split(',')[0]).name}-{context}",
+            digest=digest[:36],
+            source_type="local",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(profile),
+        )
+        inputs.append(DatasetInput(dataset, [InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
 
 
 def git_commit() -> str:
@@ -219,6 +326,6 @@ def git_commit() -> str:
     return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def log_figure(client: mlflow.MlflowClient, run_id: str, fig: plt.Figure, path: str) -> None:
+def log_figure(client: Client, run_id: str, fig: plt.Figure, path: str) -> None:
     client.log_figure(run_id, fig, path)
     plt.close(fig)

@@ -36,6 +36,7 @@ import importlib
 import os
 import shutil
 import socket
+import warnings
 from collections.abc import Callable
 from typing import Literal
 
@@ -62,7 +63,7 @@ from synaug.experiment import (
     run_config,
     search,
 )
-from synaug.tracking import STORE, experiment_id, rdb_storage, tracking_uri
+from synaug.tracking import STORE, experiment_id, git_commit, rdb_storage, tracking_uri
 
 Report = Callable[[int, float], bool]  # (epoch, value) -> prune?
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -300,7 +301,11 @@ def tune(
                 client.log_metric(run_id, "objective/seed", values[-1], step=seed)
                 client.set_terminated(runs[-1], "FINISHED")
         except optuna.TrialPruned:
-            end(runs, "FINISHED", "PRUNED")
+            # KILLED: the UI shows a pruned trial as stopped, not as finished
+            client.set_tag(
+                run_id, "mlflow.note.content", f"pruned by Optuna ({type(trial.study.pruner).__name__})"
+            )
+            end(runs, "KILLED", "PRUNED")
             raise
         except BaseException:
             end(runs, "FAILED", "FAIL")
@@ -339,6 +344,12 @@ def tune(
         sampler=optuna.samplers.TPESampler(seed=sampler_seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=pruner_startup_trials),
     )
+    # what optuna-dashboard shows: the objective's name on its axes, the config and commit the study came from
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric])
+    study.set_user_attr("config", config)
+    study.set_user_attr("git_commit", git_commit())
     if "reference" not in study.user_attrs:
         # the configuration without synthetic images, over the same seeds: what every trial has to beat
         plain = Cell(clf, data.get("policy", "none"), reals[0][0], reals[0][1])
@@ -351,6 +362,7 @@ def tune(
             n_trials=n_trials - done,
             callbacks=[MaxTrialsCallback(n_trials, states=COUNTED)],
             gc_after_trial=True,
+            show_progress_bar=True,
         )
     best = study.best_trial
     if "reused_from" in best.user_attrs:  # the configuration's own evaluation holds the runs

@@ -1,11 +1,14 @@
-"""`synaug fit/test` end to end: the shipped configs, MLflow provenance, and config typos."""
+"""`synaug fit/test` end to end: the shipped configs, MLflow provenance, and config typos; the light entry point."""
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from synaug.cli import SynAugCLI, main
+from synaug.cli import COMMANDS, SynAugCLI, main, respell
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "classifiers").glob("*.yaml"))
 
@@ -56,6 +59,7 @@ def _runs(experiment: str):
 
 def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     main(
         [
             "fit",
@@ -64,6 +68,8 @@ def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_p
             *_small(breast_npz),
             "--trainer.logger.init_args.experiment_name",
             "cli-test",
+            "--trainer.logger.init_args.system_metrics",
+            "true",
         ]
     )
     client, runs = _runs("cli-test")
@@ -79,7 +85,25 @@ def test_fit_logs_config_commit_fingerprint_metrics_and_images(breast_npz, tmp_p
         "test/auroc",
     } <= set(run.data.metrics)
     assert run.data.tags["data.fingerprint"] and run.data.tags["git_commit"]
+    assert "system/cpu_utilization_percentage" in run.data.metrics  # asked for with system_metrics
     assert run.data.params["backbone"] == "basic_cnn" and run.data.params["image_size"] == "32"
+    # the optimizer and trainer settings, which the module's own hyperparameters leave out
+    assert run.data.params["optimizer"] == "Adam" and float(run.data.params["optimizer.lr"]) > 0
+    assert run.data.params["trainer.max_epochs"] == "1" and run.data.params["trainer.precision"] == "32-true"
+    assert run.info.run_name == "basic_cnn-32px-hflip"  # from its settings, not fixed by the config
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert set(inputs) == {"breastmnist.npz-train", "breastmnist.npz-validation", "breastmnist.npz-test"}
+    train = inputs["breastmnist.npz-train"]
+    assert [t.value for t in train.tags] == ["train"]
+    assert train.dataset.digest == run.data.tags["data.train_fingerprint"][:36]  # no synthetic: one set
+    assert (
+        sum(json.loads(train.dataset.profile)["per_class"].values())
+        == json.loads(train.dataset.profile)["num_images"]
+    )
+    assert (
+        client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
     arts = {a.path for a in client.list_artifacts(run.info.run_id)}
     arts |= {a.path for d in ("data", "test") for a in client.list_artifacts(run.info.run_id, d)}
     assert {"config.yaml", "data/train_grid.png", "data/counts.csv", "test/confusion_matrix.png"} <= arts
@@ -133,3 +157,94 @@ def test_data_audit_command(breast_npz, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "780 images, 2 classes" in out and "1 groups with conflicting labels" in out
     assert '"imbalance_ratio"' in (tmp_path / "audit.json").read_text()
+
+
+def test_help_version_and_a_typo_import_neither_torch_lightning_nor_mlflow():
+    code = (
+        "import sys, contextlib, io\n"
+        "from synaug.cli import main\n"
+        "for argv in (['--help'], ['--version'], ['fitt']):\n"
+        "    with contextlib.suppress(SystemExit): main(argv)\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert all(name in out.stdout for name in [*COMMANDS, "fit", "validate"])
+    assert "synaug 0." in out.stdout and "did you mean 'fit'?" in out.stderr
+
+
+def test_an_unknown_command_exits_2_naming_the_closest(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["sampel", "--data", "x"])
+    assert exit.value.code == 2 and "did you mean 'sample'?" in capsys.readouterr().err
+
+
+def test_one_spelling_for_the_tracking_uri_and_the_experiment_everywhere():
+    # a function named `tracking` / `name` takes `--tracking_uri` / `--experiment` as well, and keeps its own
+    params = {"name": None, "tracking": None, "seeds": None}
+    assert respell(["--tracking_uri", "u", "--experiment=e", "--seeds", "2"], params) == [
+        "--tracking",
+        "u",
+        "--name=e",
+        "--seeds",
+        "2",
+    ]
+    assert respell(["--tracking", "u"], params) == ["--tracking", "u"]
+    assert respell(["--tracking", "u", "--name", "e"], {"tracking_uri": None, "experiment": None}) == [
+        "--tracking_uri",
+        "u",
+        "--experiment",
+        "e",
+    ]
+
+
+def test_generate_from_folder_is_a_subcommand_and_the_old_spelling_still_runs(tmp_path, capsys):
+    for argv in (["generate", "from-folder", "--help"], ["generate", "--from-folder", "--help"]):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 0
+        assert "usage: synaug generate from-folder" in capsys.readouterr().out
+
+
+def test_a_command_ends_with_where_its_results_are(tmp_path, monkeypatch):
+    from synaug import tracking
+    from synaug.cli import results_note
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, run_id = tracking.command_run("notes", "a-run", uri, {})
+
+    def quality(out: str, tracking_uri: str | None = None): ...
+
+    note = results_note(quality, None, {"out": "synthetic/x", "tracking_uri": uri})  # the run it made
+    assert f"MLflow run a-run ({run_id}) in experiment notes" in note
+    assert f"mlflow ui --backend-store-uri {uri}" in note and "output folder: synthetic/x" in note
+    assert results_note(quality, None, {"tracking_uri": f"sqlite:///{tmp_path / 'other.db'}"}) == ""
+
+
+def test_no_lightning_args_warning_when_sys_argv_holds_the_same_words(breast_npz, monkeypatch, recwarn):
+    # `synaug fit ...` hands LightningCLI the words of sys.argv it has read: Lightning's warning is not for it
+    args = ["-c", str(CONFIGS[0].parent / "basic_cnn.yaml"), *_small(breast_npz)]
+    monkeypatch.setattr(sys, "argv", ["synaug", "fit", *args])
+    SynAugCLI(args=args, run=False)
+    assert not [w for w in recwarn if "args parameter is intended" in str(w.message)]
+
+
+def test_quiet_by_default_and_verbose_brings_the_model_summary_back(breast_npz, monkeypatch, request):
+    import logging
+    import warnings
+
+    from lightning.pytorch.callbacks import ModelSummary
+
+    from synaug.cli import CHATTY, quiet
+
+    levels = {name: logging.getLogger(name).level for name in CHATTY}
+    request.addfinalizer(lambda: [logging.getLogger(n).setLevel(v) for n, v in levels.items()])
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    args = ["-c", str(CONFIGS[0].parent / "basic_cnn.yaml"), *_small(breast_npz)]
+    quiet()  # what main() does without -v
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
+    summaries = lambda cli: [c for c in cli.trainer.callbacks if isinstance(c, ModelSummary)]  # noqa: E731
+    assert summaries(SynAugCLI(args=args, run=False)) == []
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.INFO)  # -v: Lightning's own
+    assert len(summaries(SynAugCLI(args=args, run=False))) == 1

@@ -83,6 +83,8 @@ def test_trials_are_logged_and_the_test_set_is_never_read(tuned, args):
     assert calls == []
     study = optuna.load_study(study_name="ratio", storage=args["storage"])
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert study.metric_names == ["val/f1_macro"] and study.user_attrs["git_commit"]
+    assert study.user_attrs["config"]["trainer"]["max_epochs"] == args["base"]["trainer"]["max_epochs"]
     runs = trial_runs("ratio")
     assert sorted(runs) == [0, 1]
     client = mlflow.MlflowClient()
@@ -148,6 +150,7 @@ def test_median_pruner_stops_a_trial_below_the_median(args):
     assert second.state == optuna.trial.TrialState.PRUNED and sorted(second.intermediate_values) == [0, 1]
     runs = trial_runs("pruning")
     assert runs[1].data.tags["state"] == "PRUNED" and runs[0].data.tags["best"] == "true"
+    assert runs[1].info.status == "KILLED" and runs[0].info.status == "FINISHED"  # the UI shows it stopped
     assert [
         m.step for m in mlflow.MlflowClient().get_metric_history(runs[1].info.run_id, "intermediate")
     ] == [0, 1]

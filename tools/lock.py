@@ -22,7 +22,7 @@ from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "requirements" / "lock.txt"
-EXTRA = "dev"  # dev includes test includes cpu; gpu (faiss-gpu) is never installed beside cpu
+EXTRA = "dev"  # dev includes test; faiss-cpu is a base dependency (a GPU faiss replaces it by hand)
 TORCH = {"torch", "torchvision", "triton"}
 
 

@@ -459,6 +459,6 @@ def explain(
         client.log_metric(run_id, f"explain/real_acc/{c}", row["real_acc"])
         client.log_metric(run_id, f"explain/synthetic_acc/{c}", row["synthetic_acc"])
     client.log_text(run_id, table.to_csv(), "explain/similarity.csv")
+    client.log_table(run_id, table.reset_index(), "explain/similarity.json")  # the UI shows it as a table
     client.set_terminated(run_id)
-    print(f"MLflow run {run_id} ({tracking.tracking_uri(tracking_uri)})")
     return table

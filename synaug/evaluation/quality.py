@@ -494,11 +494,11 @@ def quality(
     ]
     client.log_batch(run_id, metrics=metrics, params=[Param(p, str(v)) for p, v in params.items()])
     client.log_text(run_id, table.to_csv(), "quality/report.csv")
+    client.log_table(run_id, table.reset_index(), "quality/report.json")  # the UI shows it as a table
     client.log_text(run_id, memo.to_csv(index=False), "quality/memorization.csv")
     client.log_text(run_id, leaks.to_csv(index=False), "quality/leakage.csv")
     tracking.log_figure(
         client, run_id, closest_pairs_figure(details, fake, train, pairs), "quality/closest_pairs.png"
     )
     client.set_terminated(run_id)
-    print(f"MLflow run {run_id} ({tracking.tracking_uri(tracking_uri)})")
     return table

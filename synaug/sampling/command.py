@@ -59,7 +59,7 @@ def sample(
     grid_n: int = 8,
     experiment: str = "sampling",
     run_name: str | None = None,
-    tracking: str | None = None,
+    tracking_uri: str | None = None,
 ) -> str:
     """Select representative images per class and cluster; returns the MLflow run id.
 
@@ -94,7 +94,7 @@ def sample(
         grid_n: images per cluster in the grid figures.
         experiment: MLflow experiment name.
         run_name: MLflow run name.
-        tracking: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
+        tracking_uri: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
     """
     params = dict(locals())
     out_dir = Path(out).expanduser()
@@ -149,7 +149,7 @@ def sample(
     client, run_id = command_run(
         experiment,
         run_name,
-        tracking,
+        tracking_uri,
         {"data_fingerprint": src.fingerprint, "embedder_weights": model.weights},
     )
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])

@@ -17,7 +17,7 @@ from synaug.generators.base import checkpoint_kind, read_export
 CLASSES = ["glioma", "meningioma"]
 
 
-def test_a_new_learned_generator_trains_with_fit_and_samples_with_generate(tmp_path, monkeypatch):
+def test_a_new_learned_generator_trains_with_fit_and_samples_with_generate(tmp_path):
     real = image_folder(tmp_path / "real", CLASSES)
     # No test_after_fit, no limit_val_batches: the CLI knows a generator from a classifier.
     config = tmp_path / "mean_image.yaml"
@@ -85,10 +85,11 @@ trainer:
     (out / "glioma/000001.png").unlink()
     main(args)
     assert sorted(pd.read_csv(out / "manifest.csv")["path"]) == sorted(items["path"])
-    monkeypatch.setenv("SYNAUG_DEBUG", "1")  # user errors raise, instead of one line and exit 2
-    with pytest.raises(ValueError, match="holds images generated with"):  # other settings, same folder
+    # other settings, same folder: a user error (one line, exit 2; `--debug` for the ValueError)
+    with pytest.raises(ValueError, match="holds images generated with"):
         main(
             [
+                "--debug",
                 "generate",
                 str(export),
                 str(out),
@@ -101,7 +102,18 @@ trainer:
             ]
         )
     with pytest.raises(ValueError, match=r"takes the sampling options \['noise'\]; unknown: \['steps'\]"):
-        main(["generate", str(export), str(tmp_path / "other"), "--sampler", "{steps: 2}", "--device", "cpu"])
+        main(
+            [
+                "--debug",
+                "generate",
+                str(export),
+                str(tmp_path / "other"),
+                "--sampler",
+                "{steps: 2}",
+                "--device",
+                "cpu",
+            ]
+        )
 
 
 def test_every_builtin_kind_is_registered_once_with_how_to_train_and_load_it():

@@ -1,5 +1,5 @@
 """The Stable Diffusion configs through the command line: `synaug fit` of DreamBooth-LoRA on one cluster,
-`synaug generate` from its export (resumable), `synaug generate img2img` and `synaug generate --from-folder`."""
+`synaug generate` from its export (resumable), `synaug generate img2img` and `synaug generate from-folder`."""
 
 from pathlib import Path
 
@@ -68,6 +68,6 @@ def test_img2img_and_import_commands(tiny, real, tmp_path):
     items = read_synthetic(tmp_path / "img2img", CLASSES).items
     assert sorted(items["source"]) == [f"train/pituitary/{i}.png" for i in range(3)]
 
-    main(["generate", "--from-folder", str(real / "val"), str(tmp_path / "imported"), "dalle2"])
+    main(["generate", "from-folder", str(real / "val"), str(tmp_path / "imported"), "dalle2"])
     items = read_synthetic(tmp_path / "imported", CLASSES).items
     assert len(items) == 4 and set(items["generator"]) == {"dalle2"}
