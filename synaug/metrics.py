@@ -71,9 +71,8 @@ class ClassificationMetrics(nn.Module):
         return out
 
     def confusion_figure(self, title: str = "") -> plt.Figure:
-        fig, ax = self.confmat.plot(labels=self.class_names)
+        fig, ax = self.confmat.plot(labels=self.class_names)  # laid out by torchmetrics (no tight_layout)
         ax.set_title(title)
-        fig.tight_layout()
         return fig
 
     def reset(self) -> None:
