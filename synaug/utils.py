@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -63,15 +64,50 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written under a temporary name in their own folder, synced, then renamed."""
+    """Lightning checkpoints written under a temporary name in their own folder, synced, then renamed.
+
+    In the background: the checkpoint is serialised at once (a snapshot of this step's weights), then written,
+    synced and renamed on one thread while training goes on; a 134 MB ResNet-18 + Adam checkpoint costs about
+    0.4 s of disk I/O, as much as an epoch of 28 px BreastMNIST on 2 cores. One write at a time: the next save,
+    a removal, a load and teardown (the end of fit) wait for it first, and raise its error if it failed."""
+
+    _pool: ThreadPoolExecutor | None = None
+    _pending: Future | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        self._wait()
         # remote (fsspec) storage: Lightning's own write
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())  # the bytes are on disk before the name says they are
+        self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self._pending = self._pool.submit(_write_synced, buf, path)
+
+    def remove_checkpoint(self, path) -> None:
+        self._wait()
+        super().remove_checkpoint(path)
+
+    def load_checkpoint(self, *args, **kwargs) -> dict[str, Any]:
+        self._wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def teardown(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()
+                self._pool = None
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+
+def _write_synced(buf: io.BytesIO, path) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(buf.getbuffer())
+        f.flush()
+        os.fsync(f.fileno())  # the bytes are on disk before the name says they are

@@ -1,13 +1,16 @@
 """Framework overhead: `synaug fit` against the plain PyTorch loop beside it (overhead_plain.py), as whole
 processes, alternately, on the same job (BreastMNIST 28 px, ResNet-18 from scratch, hflip, Adam 1e-3, batch 64,
 validation each epoch, the best checkpoint tested once). Prints each pair's wall times and the median ratio,
-with both test metrics. Targets: ratio <= 1.15 at 5 epochs, <= 1.05 at 30.
+with both test metrics and the load average (the machine may be shared). Targets: ratio <= 1.15 at 5 epochs,
+<= 1.05 at 30. The MLflow store is created before the first pair, as a user's `mlruns/` exists after their
+first run (creating a fresh SQLite store runs MLflow's migrations: 1-2 s, once).
 
     python experiments/bench/overhead.py [--pairs 3] [--epochs 5]
 """
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -56,6 +59,9 @@ def main() -> None:
             "--epochs",
             str(args.epochs),
         ]
+        create = "from synaug.tracking import tracking_uri; import sys; tracking_uri(sys.argv[1])"
+        subprocess.run([sys.executable, "-c", create, f"sqlite:///{tmp}/mlflow.db"], check=True)
+        print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", flush=True)
         for i in range(args.pairs):
             t_synaug, out = timed(fit, tmp)
             acc = re.search(r"test/acc\s*│\s*([0-9.]+)", out)
@@ -66,13 +72,15 @@ def main() -> None:
             print(
                 f"pair {i}: synaug {t_synaug:.1f} s (test acc {acc and acc[1]}, macro-F1 {f1 and f1[1]}), "
                 f"plain {t_plain:.1f} s (test acc {metrics['test/acc']:.4f}, macro-F1 "
-                f"{metrics['test/f1_macro']:.4f}), ratio {t_synaug / t_plain:.2f}"
+                f"{metrics['test/f1_macro']:.4f}), ratio {t_synaug / t_plain:.2f}",
+                flush=True,
             )
     ratios = [a / b for a, b in rows]
     print(
         f"median ratio synaug/plain over {len(rows)} pairs: {statistics.median(ratios):.2f} "
         f"(range {min(ratios):.2f}-{max(ratios):.2f}); medians {statistics.median(a for a, _ in rows):.1f} s vs "
-        f"{statistics.median(b for _, b in rows):.1f} s, {args.epochs} epochs"
+        f"{statistics.median(b for _, b in rows):.1f} s, {args.epochs} epochs; load average after: "
+        f"{os.getloadavg()[0]:.1f}"
     )
 
 

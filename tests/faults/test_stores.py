@@ -34,6 +34,7 @@ study.optimize(lambda t: t.suggest_float("ratio", 0, 1), n_trials=1)
 @pytest.mark.slow  # three (four) fresh processes: their imports dominate
 def test_four_processes_create_fresh_stores_at_once(tmp_path, figures):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store, in cwd
+    env["OMP_NUM_THREADS"] = "1"  # four processes on a few cores: no thread pool spinning against the others
     procs = []
     for i in range(WORKERS):
         with (tmp_path / f"worker-{i}.log").open("w") as log:
