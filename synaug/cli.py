@@ -32,8 +32,8 @@ COMMANDS = {
     "generate": "synaug.generators.generate:generate",
     "quality": "synaug.evaluation.quality:quality",
     "explain": "synaug.evaluation.explain:explain",
-    "experiment": "synaug.experiment:experiment",
-    "tune": "synaug.tune:tune",
+    "experiment": "synaug.experiment.grid:experiment",
+    "tune": "synaug.experiment.tune:tune",
 }
 
 

@@ -45,7 +45,6 @@ import copy
 import hashlib
 import math
 import os
-import re
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -63,6 +62,8 @@ from synaug import stats
 from synaug.cli import SynAugCLI
 from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
+from synaug.experiment.report import report
+from synaug.experiment.runs import collect, complete, find_or_create, log_counts, search
 from synaug.generators.transform import needed, write_transforms
 from synaug.tracking import experiment_id, git_commit, tracking_uri
 
@@ -70,7 +71,6 @@ from synaug.tracking import experiment_id, git_commit, tracking_uri
 CELL_KEYS = ("synthetic", "synthetic_ratio", "augment_classes", "replace_prob", "seed", "subset_seed")
 # what `ClassificationData.training_set` takes: the settings that choose the training images
 MIXING_KEYS = (*CELL_KEYS, "real_fraction", "real_count")
-COMPARISON_COLUMNS = ["cell", "baseline", "metric", "n", "median_diff", "mean_diff", "ci_low", "ci_high", "p"]
 
 
 @dataclass
@@ -260,16 +260,6 @@ def run_config(config: dict, data: dict, seed: int, experiment: str, uri: str) -
     return merge(config, {"data": data, "seed_everything": seed, "trainer": {"logger": logger}})
 
 
-def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
-    """The real and synthetic training images per class, as metrics: the x of learning curves."""
-    metrics = {"data/real_per_class": float(counts["real_kept"].mean())}
-    for c, row in counts.iterrows():
-        metrics[f"data/real_kept/{c}"] = float(row["real_kept"])
-        metrics[f"data/synthetic/{c}"] = float(row["synthetic"])
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, v)
-
-
 def run_seed(
     config: dict, experiment_id: str, tags: dict[str, str], run_name: str, keep_checkpoints: bool = False
 ) -> str:
@@ -352,38 +342,6 @@ def run_hash(config: dict, data: str, synthetic: list[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def search(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list[Run]:
-    """Every active run of the experiment with these tag values, oldest first, across result pages.
-
-    MLflow's filter language has no escape for a quote inside a string, so a value holding a quote or a
-    backslash (a cell or experiment named `it's`) is not written into the filter: it is matched here."""
-    exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in exact.items())
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], query, max_results=5000, order_by=["attributes.start_time ASC"], page_token=token
-        )
-        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
-        token = page.token
-        if not token:
-            return runs
-
-
-def find_or_create(
-    client: MlflowClient, experiment_id: str, key: dict[str, str], run_name: str, tags: dict[str, str]
-) -> str:
-    runs = search(client, experiment_id, key)
-    if runs:
-        client.update_run(runs[0].info.run_id, status="RUNNING")
-        return runs[0].info.run_id
-    return client.create_run(experiment_id, run_name=run_name, tags={**key, **tags}).info.run_id
-
-
-def complete(run: Run, metric: str) -> bool:
-    return run.info.status == "FINISHED" and metric in run.data.metrics
-
-
 def grid(
     base: dict,
     classifiers: dict[str, dict],
@@ -431,7 +389,7 @@ def run_all(
     # Not fork: CUDA cannot be re-initialised in a forked child. A fork server that has imported synaug (and so
     # torch, Lightning, MLflow) but touched no GPU forks the workers: the imports are paid once, not per worker.
     context = get_context("forkserver")
-    context.set_forkserver_preload(["synaug.experiment"])
+    context.set_forkserver_preload(["synaug.experiment.grid"])
     with ProcessPoolExecutor(
         workers,
         mp_context=context,
@@ -446,208 +404,6 @@ def run_all(
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs in flight finish; the queued ones never start
             raise
-
-
-def collect(
-    runs: list[Run], cells: list[Cell], metric: str, x_metric: str, wanted: dict[tuple[str, str], str]
-) -> tuple[pd.DataFrame, dict]:
-    """The long results table (test metrics of the complete seed runs of these cells, in grid order, with the
-    `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
-    every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
-    only runs of the current config, data and synthetic images, are read."""
-    order = {c.name: i for i, c in enumerate(cells)}
-    rows, x, seen = [], {}, set()
-    for run in runs:
-        cell, seed = run.data.tags["cell"], run.data.tags["seed"]
-        if cell not in order or not complete(run, metric) or (cell, seed) in seen:
-            continue
-        if wanted.get((cell, seed)) != run.data.tags.get("config_hash"):
-            continue
-        seen.add((cell, seed))
-        if x_metric not in run.data.metrics:
-            known = sorted(k for k in run.data.metrics if k.startswith("data/real_kept/"))
-            raise ValueError(f"runs log no {x_metric}; per-class counts are {known}")
-        unit = run.data.tags.get("unit", run.data.tags["subset_seed"])
-        rows += [(cell, int(seed), k, v, unit) for k, v in run.data.metrics.items() if k.startswith("test/")]
-        x.setdefault(cell, run.data.metrics[x_metric])
-    results = pd.DataFrame(rows, columns=[*stats.RESULT_COLUMNS, "unit"])
-    results = results.sort_values(
-        ["cell", "seed", "metric"], key=lambda s: s.map(order) if s.name == "cell" else s
-    )
-    return results.reset_index(drop=True), x
-
-
-def report(
-    results: pd.DataFrame,
-    cells: pd.DataFrame,
-    folder: Path,
-    metric: str = stats.MAIN_METRIC,
-    minority_metric: str | None = None,
-    x: str = "real_per_class",
-    margin: float = stats.MARGIN,
-    min_units: int = stats.MIN_UNITS,
-) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Write the tables and figures of an experiment into `folder`; returns the summary, comparison and table.
-
-    `results`: one row per (cell, seed, metric), optionally with the seed's `unit` (its real subset);
-    `cells`: indexed by cell, with the columns classifier, policy, real, generator, ratio (a number, nan when
-    classes differ), synthetic (a label), baseline ('' for baselines), optionally controls (the cell's control
-    cells, `;`-separated) and `x` (real training images, for learning curves).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
-    summary = stats.summarize(results, min_units=min_units)
-    baselines = {c: b for c, b in cells["baseline"].items() if b}
-    pairs = list(baselines.items())
-    if "controls" in cells:
-        pairs += [
-            (c, k) for c, ks in cells["controls"].items() if isinstance(ks, str) for k in ks.split(";") if k
-        ]
-    comparison = (
-        stats.compare(results, pairs, min_units=min_units, margin=margin)
-        if pairs
-        else pd.DataFrame(columns=[*COMPARISON_COLUMNS, "p_holm"])
-    )
-    paths = stats.write_report(summary, comparison, folder, minority_metric, metric, margin)
-    results.to_csv(folder / "results.csv", index=False)
-    cells.to_csv(folder / "cells.csv")
-
-    present = set(summary["metric"])
-    for m in dict.fromkeys([*stats.TABLE_COLUMNS.values(), metric, minority_metric]):
-        if m in present:
-            stats.plot_cells(summary, m, baselines).savefig(plots / f"cells_{slug(m)}.png")
-
-    augmented = cells[cells["generator"] != "none"]
-    for (policy, real, gen), group in augmented.groupby(["policy", "real", "generator"], sort=False):
-        selected = pd.concat([cells.loc[group["baseline"].unique()], group])
-        if selected["ratio"].isna().any():
-            print(
-                f"no ratio curve for {gen} (policy {policy}, real {real}): its classes get different ratios"
-            )
-            continue
-        fig = stats.plot_ratio_curve(summary, selected, metric, x="ratio", hue="classifier")
-        fig.axes[0].set_title(f"{gen}: policy {policy}, real data {real}")
-        fig.savefig(plots / f"ratio_{slug(gen)}_{slug(policy)}_real{slug(real)}.png")
-
-    curves, worth = [], []
-    higher_is_better = "cross_entropy" not in metric
-    main = results[results["metric"] == metric]
-
-    def values(cell: str) -> np.ndarray:
-        return main.loc[main["cell"] == cell, "value"].to_numpy()
-
-    for (clf, policy), group in cells.groupby(["classifier", "policy"], sort=False):
-        real_only = group[group["generator"] == "none"]
-        if real_only[x].nunique() < 2:
-            continue
-        if group.duplicated([x, "synthetic"]).any():
-            print(
-                f"no learning curve for {clf}/{policy}: several of its cells train on the same number of real images"
-            )
-            continue
-        curves.append(
-            stats.learning_curve(results, group, metric, x=x, group="synthetic").assign(
-                classifier=clf, policy=policy
-            )
-        )
-        fig = stats.plot_ratio_curve(summary, group, metric, x=x, hue="synthetic")
-        fig.axes[0].set_xscale("log")
-        fig.axes[0].set_title(f"learning curve: {clf}, policy {policy}")
-        fig.savefig(plots / f"learning_curve_{slug(clf)}_{slug(policy)}.png")
-        real_curve = {row[x]: values(c) for c, row in real_only.iterrows()}
-        against = comparison[comparison["metric"] == metric].drop_duplicates("cell").set_index("cell")
-        for c, row in group[group["generator"] != "none"].iterrows():
-            if c not in against.index or not stats.distinguishable(against.loc[c]):
-                # a worth read off a difference that may be zero is a number made of noise
-                worth.append({"cell": c, x: row[x], "flag": "not distinguishable"})
-                continue
-            w = stats.synthetic_worth(real_curve, values(c), row[x], higher_is_better=higher_is_better)
-            worth.append(
-                {
-                    "cell": c,
-                    x: row[x],
-                    "n_equivalent": w.n_equivalent,
-                    "ci_low": w.ci_low,
-                    "ci_high": w.ci_high,
-                }
-                | {"extra_real": w.extra_real, "flag": w.flag}
-                | {"frac_above": w.frac_above, "frac_below": w.frac_below}
-            )
-    table = paths["table"].read_text()
-    if "controls" in cells and (cells["controls"].fillna("") != "").any():
-        table += controls_table(comparison, cells, metric, margin)
-        paths["table"].write_text(table)
-    if curves:
-        pd.concat(curves, ignore_index=True).to_csv(folder / "learning_curve.csv", index=False)
-        worth = pd.DataFrame(worth)
-        worth.to_csv(folder / "worth.csv", index=False)
-        table += worth_table(worth, x, metric)
-        paths["table"].write_text(table)
-    return summary, comparison, table
-
-
-def worth_table(worth: pd.DataFrame, x: str, metric: str) -> str:
-    lines = [
-        f"\n### What the synthetic data is worth ({metric})\n",
-        f"| configuration | {x} | worth, real images [CI] | extra real images |",
-        "|---|:-:|:-:|:-:|",
-    ]
-    for row in worth.itertuples(index=False):
-        d = row._asdict()
-        if d["flag"] == "not distinguishable":
-            lines.append(f"| {d['cell']} | {d[x]:.4g} | not distinguishable | — |")
-            continue
-        lines.append(
-            f"| {d['cell']} | {d[x]:.4g} | {d['n_equivalent']:.4g} [{d['ci_low']:.4g}, {d['ci_high']:.4g}] "
-            f"| {d['extra_real']:+.1f} |"
-        )
-    note = (
-        "\nThe number of real images per class at which the real-only learning curve (isotonic, interpolated in "
-        "log n) reaches the augmented result; inf: beyond the largest real set measured, nan: below the smallest. "
-        "Only where the difference to the baseline is distinguishable from zero (its CI excludes 0); otherwise "
-        '"not distinguishable": no worth can be read off a difference that may be none.\n'
-    )
-    return "\n".join(lines) + "\n" + note
-
-
-def controls_table(comparison: pd.DataFrame, cells: pd.DataFrame, metric: str, margin: float) -> str:
-    """Per synthetic arm (generator and ratio): its comparisons with its baseline and its controls, paired by
-    unit, and which of them it beats."""
-    rows = comparison[comparison["metric"] == metric].set_index(["cell", "baseline"])
-    lines = [
-        f"\n### Against the baseline and the controls ({metric})\n",
-        "| configuration | against | Δ [CI] | P(improve) [CI] | verdict | p (Holm) | MDE | smallest p | beats |",
-        "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
-    ]
-    for cell, row in cells.iterrows():
-        controls = [k for k in (row.get("controls") or "").split(";") if k]
-        if not controls:
-            continue
-        refs = [row["baseline"], *controls]
-        beaten = [r for r in refs if rows.loc[(cell, r), "verdict"] == "better"]
-        beats = ", ".join(cells.loc[r, "synthetic"] if r != row["baseline"] else "baseline" for r in beaten)
-        for r in refs:
-            d = rows.loc[(cell, r)]
-            name = "baseline" if r == row["baseline"] else cells.loc[r, "synthetic"]
-            lines.append(
-                f"| {cell} | {name} | {stats._interval(d['median_diff'], d['ci_low'], d['ci_high'], 3, '+')} "
-                f"| {stats._interval(d['p_improve'], d['p_improve_low'], d['p_improve_high'], 2)} | {d['verdict']} "
-                f"| {stats.format_p(d['p_holm'])} | {d['mde']:.3f} | {d['p_min']:.3g} | {beats or 'none'} |"
-            )
-    note = (
-        "\nControls, at the same number of added images per class from the same real subset: duplicate-real "
-        "(copies of the subset's own real images) and transform-medical (conventional transforms of them, no "
-        "inversion or posterisation). A synthetic source that beats neither shows nothing beyond more real "
-        f"copies. Verdict margin ±{margin:g}; MDE: the smallest mean difference the units could detect "
-        "(α 0.05, power 0.8; inf: the test cannot reach p < 0.05 with this many units); smallest p: the lowest "
-        "p-value the Wilcoxon test can give at this number of units.\n"
-    )
-    return "\n".join(lines) + "\n" + note
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
 
 
 def experiment(
