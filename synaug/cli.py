@@ -154,6 +154,7 @@ def run_function(fn: Callable, argv: list[str], prog: str):
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ["--dry_run=true" if a == "--dry-run" else a for a in argv]  # the usual spelling of the switch
     for name, target in COMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:

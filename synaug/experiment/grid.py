@@ -46,6 +46,7 @@ import hashlib
 import math
 import os
 import shutil
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
@@ -62,6 +63,7 @@ from synaug import stats
 from synaug.cli import SynAugCLI
 from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
+from synaug.experiment import generators
 from synaug.experiment.report import report
 from synaug.experiment.runs import collect, complete, find_or_create, log_counts, search
 from synaug.generators.transform import needed, write_transforms
@@ -89,14 +91,31 @@ class Synthetic:
             trying a grid end to end, and a baseline a learned generator has to beat; tagged generator=<name>
             as any other, so name it for what it is (e.g. `transform-autoaugment`).
         control: this source is a control arm that the experiment adds (see `CONTROLS`), not one under test.
+        train: a learned generator: its `synaug fit` config (a YAML path or a mapping: diffusion, PGGAN,
+            DreamBooth, textual inversion, any registered kind), trained by the experiment once per (real
+            setting, real subset) on exactly that subset's training images, then sampled (`folders` stays
+            empty); see `synaug.experiment.generators`.
+        overrides: merged over the `train` config (e.g. `{trainer: {max_steps: 500}}`).
+        sampler: the kind's sampling settings for `synaug generate` (e.g. `{scheduler: ddim, steps: 20}`).
+        quality: options of the quality check of a `train` source (`feature`, `image_size`, `k`, ...).
+        gate: `max_<metric>` thresholds on any class's quality row (`memorized_share`, `leaked`, `fid`,
+            `val_fid`, `kid_mean`): a generator above one is left out of the classifier stage for that real
+            setting, with the reason in its run and the report.
     """
 
-    folders: list[str]
+    folders: list[str] = field(default_factory=list)
     ratios: list[float | dict[str, float]] = field(default_factory=lambda: [1.0])
     augment_classes: list[str] | None = None
     replace_prob: float = 0.0
     transform: Policy | None = None
     control: bool = False  # a control arm (added by the experiment), not a source under test
+    train: str | dict | None = None
+    overrides: dict | None = None
+    sampler: dict | None = None
+    quality: dict | None = None
+    gate: dict[str, float] | None = None
+    # (real label, subset seed) -> the folder the experiment made for a `train` source (not config)
+    made: dict = field(default_factory=dict, repr=False, compare=False)
 
     def most(self, classes: list[str]) -> dict[str, float]:
         """The largest ratio each augmented class gets over `ratios`."""
@@ -185,8 +204,13 @@ class Cell:
             subset_seed=subset_seed,
         )
         if self.source is not None:
+            folders = (
+                [self.source.made[(self.real, subset_seed)]]
+                if self.source.train is not None
+                else [f.format(subset_seed=subset_seed, real=self.real) for f in self.source.folders]
+            )
             data |= dict(
-                synthetic=[f.format(subset_seed=subset_seed, real=self.real) for f in self.source.folders],
+                synthetic=folders,
                 synthetic_ratio=self.ratio,
                 augment_classes=self.source.augment_classes,
                 replace_prob=self.source.replace_prob,
@@ -379,12 +403,14 @@ def grid(
 
 
 def run_all(
-    jobs: list[tuple[dict, dict[str, str], str]], experiment_id: str, workers: int, keep: bool
+    jobs: list[tuple[dict, dict[str, str], str]], experiment_id: str, workers: int, keep: bool, progress=None
 ) -> None:
+    progress = progress or Progress({"classifier runs": len(jobs)}, {})
     if workers == 1:
         for i, (config, tags, run_name) in enumerate(jobs, 1):
             print(f"[{i}/{len(jobs)}] {run_name}")
             run_seed(config, experiment_id, tags, run_name, keep)
+            progress.done("classifier runs")
         return
     # Not fork: CUDA cannot be re-initialised in a forked child. A fork server that has imported synaug (and so
     # torch, Lightning, MLflow) but touched no GPU forks the workers: the imports are paid once, not per worker.
@@ -401,9 +427,81 @@ def run_all(
             for i, future in enumerate(as_completed(futures), 1):
                 future.result()
                 print(f"[{i}/{len(jobs)}] done: {futures[future]}")
+                progress.done("classifier runs")
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs in flight finish; the queued ones never start
             raise
+
+
+class Progress:
+    """One line per finished step: the count done of each kind of step and an ETA (from the measured or
+    estimated seconds per step, else from the pace so far)."""
+
+    UNIT = {
+        "generator trainings": "generator_train_s",
+        "generations": "generation_s",
+        "classifier runs": "classifier_s",
+    }
+
+    def __init__(self, total: dict[str, int], costs: dict):
+        self.total, self.count, self.costs, self.start = (
+            dict(total),
+            dict.fromkeys(total, 0),
+            costs,
+            time.monotonic(),
+        )
+
+    def add(self, what: str, n: int) -> None:
+        self.total[what], self.count[what] = n, 0
+
+    def done(self, what: str) -> None:
+        self.count[what] += 1
+        elapsed = time.monotonic() - self.start
+        left = {k: self.total[k] - self.count[k] for k in self.total}
+        per = {k: self.costs.get(self.UNIT[k]) for k in self.total}
+        if all(per[k] for k in left if left[k]):
+            eta = sum(left[k] * per[k] for k in left)
+        else:
+            done = sum(self.count.values())
+            eta = elapsed / done * sum(left.values())
+        counts = ", ".join(f"{k} {self.count[k]}/{self.total[k]}" for k in self.total)
+        print(f"progress: {counts}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
+
+
+def measured_costs(client: MlflowClient, exp_id: str, name: str, estimate: dict | None) -> dict:
+    """Seconds per generator training, per generated image and per classifier run: the medians of this
+    experiment's finished runs where it has some, else `estimate`'s, else unknown (nan)."""
+    out = {"generator_train_s": math.nan, "image_s": math.nan, "classifier_s": math.nan} | (estimate or {})
+    measured = []
+    gens = search(client, exp_id, {"level": "generator", "experiment": name}, finished=True)
+    for key in ("train_s", "image_s"):
+        values = [r.data.metrics[f"time/{key}"] for r in gens if f"time/{key}" in r.data.metrics]
+        if values:
+            out[f"generator_{key}" if key == "train_s" else key] = float(np.median(values))
+            measured.append(key)
+    seeds = search(client, exp_id, {"level": "seed", "experiment": name}, finished=True)
+    if seeds:
+        out["classifier_s"] = float(np.median([(r.info.end_time - r.info.start_time) / 1000 for r in seeds]))
+        measured.append("classifier_s")
+    out["generation_s"] = out["image_s"]  # per generation step: refined by Progress's pace when unknown
+    out["from"] = f"measured: {', '.join(measured)}" if measured else "from `estimate`, nothing measured yet"
+    return out
+
+
+def finished_run(client, exp_id, name, cell, seed, base, classifiers, subset_of, uri, metric) -> bool:
+    """For `--dry-run`: whether (cell, seed) has a finished run under the config hash it would run with. The real
+    data fingerprint is read from a finished run (a dry run loads no data), so this errs towards "to do"."""
+    previous = search(
+        client, exp_id, {"level": "seed", "experiment": name, "cell": cell.name, "seed": str(seed)}
+    )
+    done = [r for r in previous if complete(r, metric)]
+    if not done:
+        return False
+    data = cell.data(seed, subset_of(seed))
+    run = run_config(merge(base, classifiers[cell.classifier]), data, seed, name, uri)
+    fps = [folder_fingerprint(f) for f in data.get("synthetic") or []]
+    hashes = {run_hash(run, r.data.tags.get("data.fingerprint", ""), fps) for r in done}
+    return any(r.data.tags.get("config_hash") in hashes for r in done)
 
 
 def experiment(
@@ -426,6 +524,8 @@ def experiment(
     controls: bool = True,
     margin: float = stats.MARGIN,
     min_units: int = stats.MIN_UNITS,
+    dry_run: bool = False,
+    estimate: dict[str, float] | None = None,
 ) -> str:
     """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
 
@@ -455,6 +555,11 @@ def experiment(
             meaning), made per real subset under `outputs/synthetic/<name>/controls`.
         margin: the practical-equivalence margin of the verdicts, in units of the metric (0.01: one point).
         min_units: no CI or p-value from fewer effective replicates (independent units with distinct results).
+        dry_run: print the plan (generator trainings, generations, classifier runs still to do) and its
+            estimated cost, then stop: nothing is trained or written.
+        estimate: seconds per step for the cost estimate where this experiment has not measured them yet:
+            `generator_train_s` (one generator training), `image_s` (one generated image), `classifier_s`
+            (one classifier run); measured durations of this experiment's finished runs take precedence.
     """
     synthetic = synthetic or {}
     controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
@@ -467,12 +572,79 @@ def experiment(
     # Instantiate each classifier x policy once before anything trains: a typo fails now, not hours in.
     for clf, policy in dict.fromkeys((c.classifier, c.policy) for c in cells):
         SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)
-    fingerprints, units = prepare(
-        cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
-    )
+    subsets = sorted({subset_of(s) for s in range(seeds)})
+    steps, generator_dm = [], None
+    if any(s.train is not None for s in synthetic.values()):
+        steps, generator_dm = generators.plan_steps(cells, base, name, subsets, merge)
+        for source in synthetic.values():
+            generators.check_gate(source.gate)
+    pending_train = [s for s in steps if not s.trained]
+    pending_images = [s for s in steps if s.generated()]
+    costs = measured_costs(client, exp_id, name, estimate)
+    if dry_run:
+        for (
+            step
+        ) in steps:  # where the images will be: a missing folder fingerprints as new, so its runs count
+            synthetic[step.generator].made[(step.real, step.subset_seed)] = str(step.images)
+        fingerprints = {c: "" for c in classifiers}
+        todo = sum(
+            1
+            for cell in cells
+            for seed in range(seeds)
+            if not finished_run(client, exp_id, name, cell, seed, base, classifiers, subset_of, uri, metric)
+        )
+        images = sum(s.generated() for s in steps)
+        cost = (
+            len(pending_train) * costs["generator_train_s"]
+            + images * costs["image_s"]
+            + todo * costs["classifier_s"]
+        )
+        print(
+            f"{name} plan: {len(steps)} generator trainings ({len(pending_train)} to do), "
+            f"{len(steps)} generations ({len(pending_images)} to do, {images} images), "
+            f"{len(cells)} cells x {seeds} seeds = {len(cells) * seeds} classifier runs ({todo} to do); "
+            f"estimated {cost / 60:.1f} min at {costs['generator_train_s']:.0f} s per generator training, "
+            f"{costs['image_s']:.3g} s per image, {costs['classifier_s']:.0f} s per classifier run "
+            f"({costs['from']})"
+        )
+        return ""
 
     parent = find_or_create(
         client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
+    )
+    progress = Progress(
+        {"generator trainings": len(pending_train), "generations": len(pending_images)}, costs
+    )
+    excluded: dict[tuple[str, str], str] = {}
+    for step in steps:
+        source = synthetic[step.generator]
+        if not step.trained:
+            started = time.monotonic()
+            generators.train(step, client, exp_id, name, uri, parent)
+            client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+            progress.done("generator trainings")
+        else:
+            generators.train(step, client, exp_id, name, uri, parent)  # finds its run, trains nothing
+        missing = step.generated()
+        if missing:
+            started = time.monotonic()
+            generators.generate_images(step, source.sampler)
+            client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+            progress.done("generations")
+        generators.check_quality(step, generator_dm, source.quality, source.gate)
+        generators.log_quality(step, client)
+        client.set_terminated(step.run_id, "FINISHED")
+        source.made[(step.real, step.subset_seed)] = str(step.images)
+        if step.excluded:
+            excluded[(step.generator, step.real)] = f"subset {step.subset_seed}: {step.excluded}"
+    if excluded:
+        # a generator gated out on one subset leaves its cells for that real setting unpaired on it: all go
+        for (gen, real), why in excluded.items():
+            print(f"gate: {gen} at real={real} excluded from the classifier stage ({why})")
+        cells = [c for c in cells if (c.generator, c.real) not in excluded]
+    generator_runs = {(s.generator, s.real, s.subset_seed): s.run_id for s in steps}
+    fingerprints, units = prepare(
+        cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
     )
     settings = dict(
         name=name,
@@ -530,14 +702,17 @@ def experiment(
                 "config_hash": key,
                 "mlflow.parentRunId": cell_runs[cell.name],
             }
+            if (cell.generator, cell.real, subset_of(seed)) in generator_runs:
+                tags["generator_run"] = generator_runs[(cell.generator, cell.real, subset_of(seed))]
             jobs.append((run, tags, f"{cell.name} seed {seed}"))
     changed = f" ({stale} of them because their config, data or synthetic images changed)" if stale else ""
     print(
         f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train{changed}, "
         f"{len(cells) * seeds - len(jobs)} done"
     )
+    progress.add("classifier runs", len(jobs))
     try:
-        run_all(jobs, exp_id, workers, keep_checkpoints)
+        run_all(jobs, exp_id, workers, keep_checkpoints, progress)
     except BaseException:
         client.set_terminated(parent, "FAILED")
         raise
@@ -566,6 +741,22 @@ def experiment(
     ).set_index("cell")
     folder = Path(out) if out else Path("outputs") / "experiments" / name
     summary, _, markdown = report(results, table, folder, metric, minority_metric, x, margin, min_units)
+    if steps:  # how good the generators were, next to the verdicts
+        quality = generators.quality_table(steps)
+        quality += "".join(
+            f"\nExcluded by the gate: {g} at real={r} ({why}).\n" for (g, r), why in excluded.items()
+        )
+        markdown += quality
+        (folder / "report.md").write_text((folder / "report.md").read_text() + quality)
+        pd.concat(
+            [
+                s.quality.assign(
+                    generator=s.generator, real=s.real, subset_seed=s.subset_seed, gate=s.excluded or "passed"
+                )
+                for s in steps
+                if s.quality is not None
+            ]
+        ).to_csv(folder / "generator_quality.csv")
 
     now = int(pd.Timestamp.now().timestamp() * 1000)
     for cell, rows in summary.groupby("cell", sort=False):
