@@ -39,6 +39,7 @@ CELL_TAGS = (
     "generator",
     "ratio",
     "augment_classes",
+    "schedule",
 )
 # A cell's baseline is the cell with the same values of these and no synthetic data.
 BASELINE_KEYS = ("classifier", "policy", "real", "real_fraction", "real_count")

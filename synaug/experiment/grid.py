@@ -51,7 +51,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal
 
+import lightning.pytorch as L
 import numpy as np
 import pandas as pd
 import torch
@@ -70,6 +72,7 @@ from synaug.generators.transform import needed, write_transforms
 from synaug.tracking import experiment_id, git_commit, tracking_uri
 
 # data settings a cell decides; `base` and the classifiers must leave them to the grid
+Schedule = Literal["mix", "pretrain_finetune"]
 CELL_KEYS = ("synthetic", "synthetic_ratio", "augment_classes", "replace_prob", "seed", "subset_seed")
 # what `ClassificationData.training_set` takes: the settings that choose the training images
 MIXING_KEYS = (*CELL_KEYS, "real_fraction", "real_count")
@@ -135,6 +138,7 @@ class Cell:
     generator: str = "none"
     ratio: float | dict[str, float] = 0.0
     source: Synthetic | None = None
+    schedule: Schedule = "mix"
 
     @property
     def real(self) -> str:
@@ -142,7 +146,11 @@ class Cell:
 
     @property
     def synthetic(self) -> str:
-        return "none" if self.source is None else f"{self.generator}@{label(self.ratio)}"
+        if self.source is None:
+            return "none"
+        return f"{self.generator}@{label(self.ratio)}" + (
+            "" if self.schedule == "mix" else f"/{self.schedule}"
+        )
 
     @property
     def name(self) -> str:
@@ -168,8 +176,8 @@ class Cell:
             c
             for c in cells
             if c.is_control
-            and (c.classifier, c.policy, c.real, label(c.ratio))
-            == (self.classifier, self.policy, self.real, label(self.ratio))
+            and (c.classifier, c.policy, c.real, label(c.ratio), c.schedule)
+            == (self.classifier, self.policy, self.real, label(self.ratio), self.schedule)
             and (c.source.augment_classes or None) == (classes or None)
         ]
 
@@ -192,6 +200,7 @@ class Cell:
             "generator": self.generator,
             "ratio": label(self.ratio),
             "augment_classes": ",".join(self.source.augment_classes or []) if self.source else "",
+            "schedule": self.schedule if self.source else "",
         }
 
     def data(self, seed: int, subset_seed: int) -> dict:
@@ -295,10 +304,30 @@ def run_seed(
     trainer = cli.trainer
     trainer.fit(cli.model, datamodule=cli.datamodule)
     log_counts(client, run_id, cli.datamodule.counts)
-    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    if tags.get("schedule") == "pretrain_finetune":
+        trainer = finetune_on_real(config, run_id, cli.model, trainer)
+    trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, ckpt_path="best")
     if not keep_checkpoints:  # 20 seeds x many cells of weights add up; the results are in MLflow
         shutil.rmtree(trainer.checkpoint_callback.dirpath)
     return run_id
+
+
+def finetune_on_real(config: dict, run_id: str, model, pretrained) -> L.Trainer:
+    """The second stage of `pretrain_finetune`: from the best checkpoint of the (synthetic + real) training, train
+    again on the real subset only (same seed, same real images, no synthetic data); returns its trainer."""
+    best = pretrained.checkpoint_callback.best_model_path
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    shutil.rmtree(pretrained.checkpoint_callback.dirpath)  # the fine-tuning keeps its own best checkpoint
+    real_only = {"synthetic": None, "synthetic_ratio": 0.0, "augment_classes": None, "replace_prob": 0.0}
+    args = merge(config, {"data": real_only, "trainer": {"logger": {"init_args": {"run_id": run_id}}}})
+    cli = SynAugCLI(args=args, run=False)
+    cli.model.load_state_dict(state)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    client = MlflowClient(config["trainer"]["logger"]["init_args"]["tracking_uri"])
+    counts = cli.datamodule.counts
+    client.log_metric(run_id, "data/finetune_real", float(counts["real_kept"].sum()))
+    client.log_metric(run_id, "data/finetune_synthetic", float(counts["synthetic"].sum()))
+    return cli.trainer
 
 
 def _worker_init(threads: int) -> None:
@@ -374,6 +403,7 @@ def grid(
     real_counts: list[dict[str, int]] | None = None,
     synthetic: dict[str, Synthetic] | None = None,
     controls_dir: str | None = None,
+    schedules: list[Schedule] | None = None,
 ) -> list[Cell]:
     """Every cell of the grid (arguments as `experiment`'s), baselines first within each (classifier, policy,
     real data). An axis left out takes each classifier's configured value; an axis given must not be set there.
@@ -394,7 +424,11 @@ def grid(
             for fraction, count in reals or [(data.get("real_fraction", 1.0), data.get("real_count"))]:
                 cells.append(Cell(clf, policy, fraction, count))
                 for gen, source in synthetic.items():
-                    cells += [Cell(clf, policy, fraction, count, gen, r, source) for r in source.ratios]
+                    cells += [
+                        Cell(clf, policy, fraction, count, gen, r, source, schedule)
+                        for schedule in schedules or ["mix"]
+                        for r in source.ratios
+                    ]
     names = [c.name for c in cells]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -512,6 +546,7 @@ def experiment(
     real_fractions: list[float | dict[str, float]] | None = None,
     real_counts: list[dict[str, int]] | None = None,
     synthetic: dict[str, Synthetic] | None = None,
+    schedules: list[Schedule] | None = None,
     seeds: int = 20,
     subset_seeds: int | None = None,
     metric: str = stats.MAIN_METRIC,
@@ -540,6 +575,10 @@ def experiment(
             either, each classifier's configured real data is the only setting.
         synthetic: generator name -> a synthetic source and its ratios; every (classifier, policy, real data)
             also gets its baseline without synthetic images.
+        schedules: how synthetic images are used, an axis of every synthetic cell (controls included): `mix`
+            (real and synthetic images shuffled together; the default) and `pretrain_finetune` (train on the
+            mix, then from its best checkpoint again on the real subset only; RoentGen-v2's synthetic
+            pre-training). Paired with the same baseline and controls.
         seeds: seeds 0..seeds-1 per cell: `seed_everything` and `data.seed` (synthetic draw, shuffling).
         subset_seeds: the number of distinct real subsets: seed s draws subset `s mod subset_seeds`, so each
             generator is trained that many times only. Default: seed s draws subset s (independent resamples).
@@ -563,7 +602,7 @@ def experiment(
     """
     synthetic = synthetic or {}
     controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
-    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic, controls_dir)
+    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic, controls_dir, schedules)
     subset_of = (lambda s: s) if subset_seeds is None else (lambda s: s % subset_seeds)
 
     uri = tracking_uri(tracking)
@@ -653,7 +692,8 @@ def experiment(
         policies=policies,
         real_fractions=real_fractions,
         real_counts=real_counts,
-        synthetic={k: asdict(v) for k, v in synthetic.items()},
+        synthetic={k: asdict(v) | {"made": None} for k, v in synthetic.items()},
+        schedules=schedules,
         seeds=seeds,
         subset_seeds=subset_seeds,
         controls=controls,
