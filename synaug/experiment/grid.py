@@ -322,6 +322,9 @@ def finetune_on_real(config: dict, run_id: str, model, pretrained) -> L.Trainer:
     args = merge(config, {"data": real_only, "trainer": {"logger": {"init_args": {"run_id": run_id}}}})
     cli = SynAugCLI(args=args, run=False)
     cli.model.load_state_dict(state)
+    # the run's params are the pretraining's (synthetic folders, ratio): MLflow refuses to change them, and the
+    # fine-tuning's data is recorded as the data/finetune_* metrics below instead
+    cli.trainer.logger.log_hyperparams = lambda *args, **kwargs: None
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     client = MlflowClient(config["trainer"]["logger"]["init_args"]["tracking_uri"])
     counts = cli.datamodule.counts
