@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import math
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,7 @@ from mlflow import MlflowClient
 
 from synaug.data import ClassificationData
 from synaug.data.images import load_image
-from synaug.data.synthetic import read_synthetic
+from synaug.data.synthetic import COLUMNS, read_synthetic
 from synaug.generators.transform import needed
 
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -166,6 +168,7 @@ def plan_steps(
             folder = root / h
             config = generator_config(source.train, source.overrides, data, settings, folder, merge)
             counts = needed(ts.counts["real_kept"], source.most(dm.class_names))
+            counts = {c: math.ceil(n * source.oversample) for c, n in counts.items()}
             steps[key] = Step(
                 cell.generator, cell.real, s, settings, config, counts, folder, cells=[cell.name]
             )
@@ -262,6 +265,41 @@ def measure_quality(step: Step, dm: ClassificationData, options: dict | None) ->
     for column in ("fid", "kid_mean", "precision", "recall"):
         table[f"val_{column}"] = report_table(val)[column]
     return table
+
+
+def filter_images(step: Step, dm: ClassificationData, tau: float, options: dict | None) -> dict[str, float]:
+    """Keep the synthetic images that a classifier trained on the real subset (logistic regression on the
+    quality check's features of the subset's training images) assigns to their intended class with
+    probability >= `tau` (He et al., ICLR 2023; ALIA): copied with their manifest rows into `filtered-<tau>/`,
+    which the cells then use. Returns the kept share per class."""
+    from sklearn.linear_model import LogisticRegression
+
+    from synaug.evaluation.features import extract, feature_extractor
+
+    out = step.folder / f"filtered-{tau:g}"
+    synth = read_synthetic(step.images, dm.class_names).items
+    if not (out / "manifest.csv").is_file():
+        options = dict(options or {})
+        size = options.get("image_size", dm.image_size)
+        extractor = feature_extractor(options.get("feature", "efficientnet_lite0"), in_chans=3)
+        _, ts = dm.training_set(**step.settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
+        real, _ = dm.source.decode(ts.real, size, extractor.in_chans)
+        labels = dm.items["label"].to_numpy()[ts.real]
+        head = LogisticRegression(max_iter=1000).fit(extract(extractor, real).numpy(), labels)
+        fake = torch.from_numpy(np.stack([load_image(f, size, extractor.in_chans) for f in synth["file"]]))
+        proba = head.predict_proba(extract(extractor, fake).numpy())
+        column = {c: i for i, c in enumerate(head.classes_)}
+        keep = proba[np.arange(len(synth)), [column[label] for label in synth["label"]]] >= tau
+        kept = synth[keep]
+        for rel in kept["path"]:
+            (out / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(step.images / rel, out / rel)
+        if (step.images / "train_sets").is_dir():
+            shutil.copytree(step.images / "train_sets", out / "train_sets", dirs_exist_ok=True)
+        kept[COLUMNS].to_csv(out / "manifest.csv", index=False)  # written last: its presence = filtered
+    kept = pd.read_csv(out / "manifest.csv")["class"].value_counts()
+    total = synth["class"].value_counts()
+    return {c: float(kept.get(c, 0) / total[c]) for c in total.index}
 
 
 def log_quality(step: Step, client: MlflowClient) -> None:

@@ -104,6 +104,10 @@ class Synthetic:
         gate: `max_<metric>` thresholds on any class's quality row (`memorized_share`, `leaked`, `fid`,
             `val_fid`, `kid_mean`): a generator above one is left out of the classifier stage for that real
             setting, with the reason in its run and the report.
+        filter: keep only the images that a classifier trained on the real subset assigns to their class with
+            probability >= this τ (the kept share per class is logged to the generator's run).
+        oversample: generate this many times the images the largest ratio needs (with `filter`: enough that the
+            kept ones suffice).
     """
 
     folders: list[str] = field(default_factory=list)
@@ -117,6 +121,8 @@ class Synthetic:
     sampler: dict | None = None
     quality: dict | None = None
     gate: dict[str, float] | None = None
+    filter: float | None = None
+    oversample: float = 1.0
     # (real label, subset seed) -> the folder the experiment made for a `train` source (not config)
     made: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -520,7 +526,7 @@ def measured_costs(client: MlflowClient, exp_id: str, name: str, estimate: dict 
     if seeds:
         out["classifier_s"] = float(np.median([(r.info.end_time - r.info.start_time) / 1000 for r in seeds]))
         measured.append("classifier_s")
-    out["generation_s"] = out["image_s"]  # per generation step: refined by Progress's pace when unknown
+    out["generation_s"] = math.nan  # per generation step: set from the images each still needs
     out["from"] = f"measured: {', '.join(measured)}" if measured else "from `estimate`, nothing measured yet"
     return out
 
@@ -654,6 +660,8 @@ def experiment(
     parent = find_or_create(
         client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
     )
+    if pending_images:  # a generation step's cost: its share of the images still to make
+        costs["generation_s"] = costs["image_s"] * sum(s.generated() for s in steps) / len(pending_images)
     progress = Progress(
         {"generator trainings": len(pending_train), "generations": len(pending_images)}, costs
     )
@@ -677,6 +685,11 @@ def experiment(
         generators.log_quality(step, client)
         client.set_terminated(step.run_id, "FINISHED")
         source.made[(step.real, step.subset_seed)] = str(step.images)
+        if source.filter is not None:
+            kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
+            for c, share in kept.items():
+                client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
+            source.made[(step.real, step.subset_seed)] = str(step.folder / f"filtered-{source.filter:g}")
         if step.excluded:
             excluded[(step.generator, step.real)] = f"subset {step.subset_seed}: {step.excluded}"
     if excluded:

@@ -120,3 +120,21 @@ def test_an_unknown_gate_key_is_refused_before_anything_trains(breast_npz, tmp_p
         experiment(
             **args(breast_npz, tmp_path, gate={"max_beauty": 1}), tracking=f"sqlite:///{tmp_path}/m.db"
         )
+
+
+def test_the_filter_keeps_the_images_the_real_subset_classifier_recognises(breast_npz, tmp_path):
+    from synaug.experiment.generators import Step, filter_images
+    from synaug.generators.transform import write_transforms
+
+    settings = {"real_fraction": 0.05, "real_count": None, "subset_seed": 0}
+    dm = ClassificationData(root=str(breast_npz), image_size=28)
+    _, ts = dm.training_set(**settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
+    counts = dict(ts.counts["real_kept"])
+    step = Step("copies", "0.05", 0, settings, {}, counts, tmp_path)
+    # plain copies of the subset's own images: a classifier trained on them recognises (almost) all of them
+    write_transforms(dm.source, ts.real, step.images, counts, "none", 28, 1)
+    kept = filter_images(step, dm, 0.5, {"image_size": 32})
+    assert min(kept.values()) >= 0.8
+    filtered = read_synthetic(tmp_path / "filtered-0.5", dm.class_names).items
+    assert set(filtered["path"]) <= set(read_synthetic(step.images, dm.class_names).items["path"])
+    assert filter_images(step, dm, 1.01, {"image_size": 32}) == dict.fromkeys(kept, 0.0)  # no p exceeds 1
