@@ -501,8 +501,8 @@ class Progress:
         self.count[what] += 1
         elapsed = time.monotonic() - self.start
         left = {k: self.total[k] - self.count[k] for k in self.total}
-        per = {k: self.costs.get(self.UNIT[k]) for k in self.total}
-        if all(per[k] for k in left if left[k]):
+        per = {k: self.costs.get(self.UNIT[k], math.nan) for k in self.total}
+        if all(not math.isnan(per[k]) for k in left if left[k]):
             eta = sum(left[k] * per[k] for k in left)
         else:
             done = sum(self.count.values())
