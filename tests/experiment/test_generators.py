@@ -138,3 +138,27 @@ def test_the_filter_keeps_the_images_the_real_subset_classifier_recognises(breas
     filtered = read_synthetic(tmp_path / "filtered-0.5", dm.class_names).items
     assert set(filtered["path"]) <= set(read_synthetic(step.images, dm.class_names).items["path"])
     assert filter_images(step, dm, 1.01, {"image_size": 32}) == dict.fromkeys(kept, 0.0)  # no p exceeds 1
+
+
+def test_a_killed_training_resumes_from_its_last_checkpoint(breast_npz, tmp_path, monkeypatch):
+    from synaug.experiment.generators import plan_steps, train
+    from synaug.experiment.grid import grid, merge
+    from synaug.generators.base import read_info
+
+    monkeypatch.chdir(tmp_path)
+    run = args(breast_npz, tmp_path, TINY | {"trainer": {"max_steps": 8}})
+    cells = grid(run["base"], CNN, real_fractions=[0.03], synthetic=run["synthetic"])
+    (step,), _ = plan_steps(cells, run["base"], "learned", [0], merge)
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.create_experiment("learned")
+    parent = client.create_run(exp_id).info.run_id
+    # a training killed after step 4: its checkpoint is there, its export is not
+    killed = step.config | {"trainer": step.config["trainer"] | {"max_steps": 4}}
+    (step.config, full) = (killed, step.config)
+    train(step, client, exp_id, "learned", uri, parent)
+    (step.export / "generator.json").unlink()
+    step.config = full
+    train(step, client, exp_id, "learned", uri, parent)
+    assert read_info(step.export)["global_step"] == 8  # went on from step 4 to 8, the same MLflow run
+    assert len(search(client, exp_id, {"level": "generator"})) == 1
