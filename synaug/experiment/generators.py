@@ -241,13 +241,30 @@ def check_quality(step: Step, dm: ClassificationData, options: dict | None, gate
     step.quality, step.excluded = table, "; ".join(reasons)
 
 
+class _Memo(torch.nn.Module):
+    """The extractor, remembering the features of each batch it has seen: the two quality passes (against the
+    training and the validation images) share most of their batches, and a pretrained backbone at its input
+    size is the cost of the check on a CPU."""
+
+    def __init__(self, extractor: torch.nn.Module):
+        super().__init__()
+        self.extractor, self.seen = extractor, {}
+        self.name, self.in_chans = getattr(extractor, "name", type(extractor).__name__), extractor.in_chans
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = hashlib.sha256(x.cpu().numpy().tobytes()).hexdigest() + str(tuple(x.shape))
+        if key not in self.seen:
+            self.seen[key] = self.extractor(x)
+        return self.seen[key]
+
+
 def measure_quality(step: Step, dm: ClassificationData, options: dict | None) -> pd.DataFrame:
     from synaug.evaluation.features import feature_extractor
     from synaug.evaluation.quality import quality_details, report_table
 
     options = dict(options or {})
     size = options.pop("image_size", dm.image_size)
-    extractor = feature_extractor(options.pop("feature", "efficientnet_lite0"), in_chans=3)
+    extractor = _Memo(feature_extractor(options.pop("feature", "efficientnet_lite0"), in_chans=3))
     channels = extractor.in_chans
     _, ts = dm.training_set(**step.settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
     train_images = _by_class(dm, ts.real, size, channels)
