@@ -2,6 +2,10 @@
 
     synaug experiment -c experiments/thesis2_brain/config.yaml
 
+(Over 400 lines: the cells, their planning and `experiment`, which orchestrates the generator stage, the
+classifier runs and the report. The next split is the planning and cost estimate (`Progress`,
+`measured_costs`, `finished_run`) and the generator stage's loop into their own module.)
+
 The grid is classifier x conventional policy x real data (a fraction or a count per class) x synthetic data
 (none, or a source at a ratio). One point of it is a *cell*; every cell is trained and tested once per seed.
 Seed s of every cell draws the same real training subset (subset seed s, or s mod `subset_seeds`), so a cell and
