@@ -661,9 +661,12 @@ def experiment(
         )
         return ""
 
-    parent = find_or_create(
-        client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
-    )
+    def make_parent() -> str:
+        key = {"level": "experiment", "experiment": name}
+        return find_or_create(client, exp_id, key, name, {"git_commit": git_commit()})
+
+    # the generators' runs are its children; without generators a grid refused by `prepare` leaves no run
+    parent = make_parent() if steps else None
     if pending_images:  # a generation step's cost: its share of the images still to make
         costs["generation_s"] = costs["image_s"] * sum(s.generated() for s in steps) / len(pending_images)
     progress = Progress(
@@ -705,6 +708,7 @@ def experiment(
     fingerprints, units = prepare(
         cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
     )
+    parent = parent or make_parent()
     settings = dict(
         name=name,
         base=base,
