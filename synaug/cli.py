@@ -27,8 +27,8 @@ COMMANDS = {
     "generate": "synaug.generators.generate:generate",
     "quality": "synaug.evaluation.quality:quality",
     "explain": "synaug.evaluation.explain:explain",
-    "experiment": "synaug.experiment:experiment",
-    "tune": "synaug.tune:tune",
+    "experiment": "synaug.experiment.grid:experiment",
+    "tune": "synaug.experiment.tune:tune",
 }
 TRAINING = {
     "fit": "train a classifier or a generator from a config (then test the best checkpoint)",
@@ -188,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     verbose = "-v" in argv or "--verbose" in argv
     argv = [a for a in argv if a not in ("--debug", "-v", "--verbose")]
+    argv = ["--dry_run=true" if a == "--dry-run" else a for a in argv]  # the usual spelling of the switch
     try:
         dispatch(argv, verbose)
     except USER_ERRORS as err:

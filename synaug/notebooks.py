@@ -39,16 +39,16 @@ CELL_TAGS = (
     "generator",
     "ratio",
     "augment_classes",
+    "schedule",
 )
 # A cell's baseline is the cell with the same values of these and no synthetic data.
 BASELINE_KEYS = ("classifier", "policy", "real", "real_fraction", "real_count")
 
 
 def _search(c: mlflow.MlflowClient, tags: dict[str, str], experiment: str | None = None) -> list[Run]:
-    """Every finished run with these tag values in `experiment` (default: all experiments), oldest first.
+    """Every finished run with these tag values in `experiment` (default: all experiments), oldest first."""
+    from synaug.experiment.runs import search  # imports MLflow and pandas only, as this module does
 
-    MLflow's filter language has no escape for a quote inside a string: a value holding a quote or a backslash
-    (an experiment named `it's`) is not written into the filter but matched here."""
     if experiment is None:
         ids = [e.experiment_id for e in c.search_experiments()]
     else:
@@ -56,19 +56,7 @@ def _search(c: mlflow.MlflowClient, tags: dict[str, str], experiment: str | None
         if exp is None:
             raise LookupError(f"no MLflow experiment '{experiment}' at {c.tracking_uri}")
         ids = [exp.experiment_id]
-    exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
-    query = " and ".join(
-        [*(f"tags.`{k}` = '{v}'" for k, v in exact.items()), "attributes.status = 'FINISHED'"]
-    )
-    runs, token = [], None
-    while True:  # search_runs pages at 1000 runs
-        page = c.search_runs(
-            ids, query, order_by=["attributes.start_time ASC"], max_results=1000, page_token=token
-        )
-        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
-        token = page.token
-        if not token:
-            return runs
+    return search(c, ids, tags, finished=True)
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import pytest
 from synaug.tracking import MLFlowLogger, rdb_storage
-from synaug.tune import default_storage
+from synaug.experiment.tune import default_storage
 Path(f"ready-{os.getpid()}").touch()
 while not Path("go").exists():
     time.sleep(0.005)

@@ -2,6 +2,10 @@
 
     synaug experiment -c experiments/thesis2_brain/config.yaml
 
+(Over 400 lines: the cells, their planning and `experiment`, which orchestrates the generator stage, the
+classifier runs and the report. The next split is the planning and cost estimate (`Progress`,
+`measured_costs`, `finished_run`) and the generator stage's loop into their own module.)
+
 The grid is classifier x conventional policy x real data (a fraction or a count per class) x synthetic data
 (none, or a source at a ratio). One point of it is a *cell*; every cell is trained and tested once per seed.
 Seed s of every cell draws the same real training subset (subset seed s, or s mod `subset_seeds`), so a cell and
@@ -45,17 +49,19 @@ import copy
 import hashlib
 import math
 import os
-import re
 import shutil
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Literal
 
+import lightning.pytorch as L
 import numpy as np
 import pandas as pd
 import torch
@@ -67,14 +73,17 @@ from synaug import stats
 from synaug.cli import SynAugCLI
 from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
+from synaug.experiment import generators
+from synaug.experiment.report import report
+from synaug.experiment.runs import collect, complete, find_or_create, log_counts, search
 from synaug.generators.transform import needed, write_transforms
 from synaug.tracking import experiment_id, git_commit, tracking_uri
 
 # data settings a cell decides; `base` and the classifiers must leave them to the grid
+Schedule = Literal["mix", "pretrain_finetune"]
 CELL_KEYS = ("synthetic", "synthetic_ratio", "augment_classes", "replace_prob", "seed", "subset_seed")
 # what `ClassificationData.training_set` takes: the settings that choose the training images
 MIXING_KEYS = (*CELL_KEYS, "real_fraction", "real_count")
-COMPARISON_COLUMNS = ["cell", "baseline", "metric", "n", "median_diff", "mean_diff", "ci_low", "ci_high", "p"]
 
 
 @dataclass
@@ -93,14 +102,37 @@ class Synthetic:
             trying a grid end to end, and a baseline a learned generator has to beat; tagged generator=<name>
             as any other, so name it for what it is (e.g. `transform-autoaugment`).
         control: this source is a control arm that the experiment adds (see `CONTROLS`), not one under test.
+        train: a learned generator: its `synaug fit` config (a YAML path or a mapping: diffusion, PGGAN,
+            DreamBooth, textual inversion, any registered kind), trained by the experiment once per (real
+            setting, real subset) on exactly that subset's training images, then sampled (`folders` stays
+            empty); see `synaug.experiment.generators`.
+        overrides: merged over the `train` config (e.g. `{trainer: {max_steps: 500}}`).
+        sampler: the kind's sampling settings for `synaug generate` (e.g. `{scheduler: ddim, steps: 20}`).
+        quality: options of the quality check of a `train` source (`feature`, `image_size`, `k`, ...).
+        gate: `max_<metric>` thresholds on any class's quality row (`memorized_share`, `leaked`, `fid`,
+            `val_fid`, `kid_mean`): a generator above one is left out of the classifier stage for that real
+            setting, with the reason in its run and the report.
+        filter: keep only the images that a classifier trained on the real subset assigns to their class with
+            probability >= this τ (the kept share per class is logged to the generator's run).
+        oversample: generate this many times the images the largest ratio needs (with `filter`: enough that the
+            kept ones suffice).
     """
 
-    folders: list[str]
+    folders: list[str] = field(default_factory=list)
     ratios: list[float | dict[str, float]] = field(default_factory=lambda: [1.0])
     augment_classes: list[str] | None = None
     replace_prob: float = 0.0
     transform: Policy | None = None
     control: bool = False  # a control arm (added by the experiment), not a source under test
+    train: str | dict | None = None
+    overrides: dict | None = None
+    sampler: dict | None = None
+    quality: dict | None = None
+    gate: dict[str, float] | None = None
+    filter: float | None = None
+    oversample: float = 1.0
+    # (real label, subset seed) -> the folder the experiment made for a `train` source (not config)
+    made: dict = field(default_factory=dict, repr=False, compare=False)
 
     def most(self, classes: list[str]) -> dict[str, float]:
         """The largest ratio each augmented class gets over `ratios`."""
@@ -120,6 +152,7 @@ class Cell:
     generator: str = "none"
     ratio: float | dict[str, float] = 0.0
     source: Synthetic | None = None
+    schedule: Schedule = "mix"
 
     @property
     def real(self) -> str:
@@ -127,7 +160,11 @@ class Cell:
 
     @property
     def synthetic(self) -> str:
-        return "none" if self.source is None else f"{self.generator}@{label(self.ratio)}"
+        if self.source is None:
+            return "none"
+        return f"{self.generator}@{label(self.ratio)}" + (
+            "" if self.schedule == "mix" else f"/{self.schedule}"
+        )
 
     @property
     def name(self) -> str:
@@ -153,8 +190,8 @@ class Cell:
             c
             for c in cells
             if c.is_control
-            and (c.classifier, c.policy, c.real, label(c.ratio))
-            == (self.classifier, self.policy, self.real, label(self.ratio))
+            and (c.classifier, c.policy, c.real, label(c.ratio), c.schedule)
+            == (self.classifier, self.policy, self.real, label(self.ratio), self.schedule)
             and (c.source.augment_classes or None) == (classes or None)
         ]
 
@@ -177,6 +214,7 @@ class Cell:
             "generator": self.generator,
             "ratio": label(self.ratio),
             "augment_classes": ",".join(self.source.augment_classes or []) if self.source else "",
+            "schedule": self.schedule if self.source else "",
         }
 
     def data(self, seed: int, subset_seed: int) -> dict:
@@ -189,8 +227,13 @@ class Cell:
             subset_seed=subset_seed,
         )
         if self.source is not None:
+            folders = (
+                [self.source.made[(self.real, subset_seed)]]
+                if self.source.train is not None
+                else [f.format(subset_seed=subset_seed, real=self.real) for f in self.source.folders]
+            )
             data |= dict(
-                synthetic=[f.format(subset_seed=subset_seed, real=self.real) for f in self.source.folders],
+                synthetic=folders,
                 synthetic_ratio=self.ratio,
                 augment_classes=self.source.augment_classes,
                 replace_prob=self.source.replace_prob,
@@ -264,16 +307,6 @@ def run_config(config: dict, data: dict, seed: int, experiment: str, uri: str) -
     return merge(config, {"data": data, "seed_everything": seed, "trainer": {"logger": logger}})
 
 
-def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
-    """The real and synthetic training images per class, as metrics: the x of learning curves."""
-    metrics = {"data/real_per_class": float(counts["real_kept"].mean())}
-    for c, row in counts.iterrows():
-        metrics[f"data/real_kept/{c}"] = float(row["real_kept"])
-        metrics[f"data/synthetic/{c}"] = float(row["synthetic"])
-    for k, v in metrics.items():
-        client.log_metric(run_id, k, v)
-
-
 @contextmanager
 def stop_on_signals():
     """SIGTERM and SIGINT stop the grid at once (Lightning shuts the running fit down as for Ctrl-C); the list
@@ -307,10 +340,33 @@ def run_seed(
     trainer = cli.trainer
     trainer.fit(cli.model, datamodule=cli.datamodule)
     log_counts(client, run_id, cli.datamodule.counts)
-    trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="best")
+    if tags.get("schedule") == "pretrain_finetune":
+        trainer = finetune_on_real(config, run_id, cli.model, trainer)
+    trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, ckpt_path="best")
     if not keep_checkpoints:  # 20 seeds x many cells of weights add up; the results are in MLflow
         shutil.rmtree(trainer.checkpoint_callback.dirpath)
     return run_id
+
+
+def finetune_on_real(config: dict, run_id: str, model, pretrained) -> L.Trainer:
+    """The second stage of `pretrain_finetune`: from the best checkpoint of the (synthetic + real) training, train
+    again on the real subset only (same seed, same real images, no synthetic data); returns its trainer."""
+    best = pretrained.checkpoint_callback.best_model_path
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    shutil.rmtree(pretrained.checkpoint_callback.dirpath)  # the fine-tuning keeps its own best checkpoint
+    real_only = {"synthetic": None, "synthetic_ratio": 0.0, "augment_classes": None, "replace_prob": 0.0}
+    args = merge(config, {"data": real_only, "trainer": {"logger": {"init_args": {"run_id": run_id}}}})
+    cli = SynAugCLI(args=args, run=False)
+    cli.model.load_state_dict(state)
+    # the run's params are the pretraining's (synthetic folders, ratio): MLflow refuses to change them, and the
+    # fine-tuning's data is recorded as the data/finetune_* metrics below instead
+    cli.trainer.logger.log_hyperparams = lambda *args, **kwargs: None
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    client = MlflowClient(config["trainer"]["logger"]["init_args"]["tracking_uri"])
+    counts = cli.datamodule.counts
+    client.log_metric(run_id, "data/finetune_real", float(counts["real_kept"].sum()))
+    client.log_metric(run_id, "data/finetune_synthetic", float(counts["synthetic"].sum()))
+    return cli.trainer
 
 
 def _worker_init(threads: int) -> None:
@@ -378,38 +434,6 @@ def run_hash(config: dict, data: str, synthetic: list[str]) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def search(client: MlflowClient, experiment_id: str, tags: dict[str, str]) -> list[Run]:
-    """Every active run of the experiment with these tag values, oldest first, across result pages.
-
-    MLflow's filter language has no escape for a quote inside a string, so a value holding a quote or a
-    backslash (a cell or experiment named `it's`) is not written into the filter: it is matched here."""
-    exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
-    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in exact.items())
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            [experiment_id], query, max_results=5000, order_by=["attributes.start_time ASC"], page_token=token
-        )
-        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
-        token = page.token
-        if not token:
-            return runs
-
-
-def find_or_create(
-    client: MlflowClient, experiment_id: str, key: dict[str, str], run_name: str, tags: dict[str, str]
-) -> str:
-    runs = search(client, experiment_id, key)
-    if runs:
-        client.update_run(runs[0].info.run_id, status="RUNNING")
-        return runs[0].info.run_id
-    return client.create_run(experiment_id, run_name=run_name, tags={**key, **tags}).info.run_id
-
-
-def complete(run: Run, metric: str) -> bool:
-    return run.info.status == "FINISHED" and metric in run.data.metrics
-
-
 def grid(
     base: dict,
     classifiers: dict[str, dict],
@@ -418,6 +442,7 @@ def grid(
     real_counts: list[dict[str, int]] | None = None,
     synthetic: dict[str, Synthetic] | None = None,
     controls_dir: str | None = None,
+    schedules: list[Schedule] | None = None,
 ) -> list[Cell]:
     """Every cell of the grid (arguments as `experiment`'s), baselines first within each (classifier, policy,
     real data). An axis left out takes each classifier's configured value; an axis given must not be set there.
@@ -438,7 +463,11 @@ def grid(
             for fraction, count in reals or [(data.get("real_fraction", 1.0), data.get("real_count"))]:
                 cells.append(Cell(clf, policy, fraction, count))
                 for gen, source in synthetic.items():
-                    cells += [Cell(clf, policy, fraction, count, gen, r, source) for r in source.ratios]
+                    cells += [
+                        Cell(clf, policy, fraction, count, gen, r, source, schedule)
+                        for schedule in schedules or ["mix"]
+                        for r in source.ratios
+                    ]
     names = [c.name for c in cells]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
@@ -447,17 +476,19 @@ def grid(
 
 
 def run_all(
-    jobs: list[tuple[dict, dict[str, str], str]], experiment_id: str, workers: int, keep: bool
+    jobs: list[tuple[dict, dict[str, str], str]], experiment_id: str, workers: int, keep: bool, progress=None
 ) -> None:
+    progress = progress or Progress({"classifier runs": len(jobs)}, {})
     if workers == 1:
         for i, (config, tags, run_name) in enumerate(jobs, 1):
             print(f"[{i}/{len(jobs)}] {run_name}")
             run_seed(config, experiment_id, tags, run_name, keep)
+            progress.done("classifier runs")
         return
     # Not fork: CUDA cannot be re-initialised in a forked child. A fork server that has imported synaug (and so
     # torch, Lightning, MLflow) but touched no GPU forks the workers: the imports are paid once, not per worker.
     context = get_context("forkserver")
-    context.set_forkserver_preload(["synaug.experiment"])
+    context.set_forkserver_preload(["synaug.experiment.grid"])
     with ProcessPoolExecutor(
         workers,
         mp_context=context,
@@ -469,211 +500,81 @@ def run_all(
             for i, future in enumerate(as_completed(futures), 1):
                 future.result()
                 print(f"[{i}/{len(jobs)}] done: {futures[future]}")
+                progress.done("classifier runs")
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs in flight finish; the queued ones never start
             raise
 
 
-def collect(
-    runs: list[Run], cells: list[Cell], metric: str, x_metric: str, wanted: dict[tuple[str, str], str]
-) -> tuple[pd.DataFrame, dict]:
-    """The long results table (test metrics of the complete seed runs of these cells, in grid order, with the
-    `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
-    every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
-    only runs of the current config, data and synthetic images, are read."""
-    order = {c.name: i for i, c in enumerate(cells)}
-    rows, x, seen = [], {}, set()
-    for run in runs:
-        cell, seed = run.data.tags["cell"], run.data.tags["seed"]
-        if cell not in order or not complete(run, metric) or (cell, seed) in seen:
-            continue
-        if wanted.get((cell, seed)) != run.data.tags.get("config_hash"):
-            continue
-        seen.add((cell, seed))
-        if x_metric not in run.data.metrics:
-            known = sorted(k for k in run.data.metrics if k.startswith("data/real_kept/"))
-            raise ValueError(f"runs log no {x_metric}; per-class counts are {known}")
-        unit = run.data.tags.get("unit", run.data.tags["subset_seed"])
-        rows += [(cell, int(seed), k, v, unit) for k, v in run.data.metrics.items() if k.startswith("test/")]
-        x.setdefault(cell, run.data.metrics[x_metric])
-    results = pd.DataFrame(rows, columns=[*stats.RESULT_COLUMNS, "unit"])
-    results = results.sort_values(
-        ["cell", "seed", "metric"], key=lambda s: s.map(order) if s.name == "cell" else s
-    )
-    return results.reset_index(drop=True), x
+class Progress:
+    """One line per finished step: the count done of each kind of step and an ETA (from the measured or
+    estimated seconds per step, else from the pace so far)."""
 
+    UNIT = {
+        "generator trainings": "generator_train_s",
+        "generations": "generation_s",
+        "classifier runs": "classifier_s",
+    }
 
-def report(
-    results: pd.DataFrame,
-    cells: pd.DataFrame,
-    folder: Path,
-    metric: str = stats.MAIN_METRIC,
-    minority_metric: str | None = None,
-    x: str = "real_per_class",
-    margin: float = stats.MARGIN,
-    min_units: int = stats.MIN_UNITS,
-) -> tuple[pd.DataFrame, pd.DataFrame, str]:
-    """Write the tables and figures of an experiment into `folder`; returns the summary, comparison and table.
-
-    `results`: one row per (cell, seed, metric), optionally with the seed's `unit` (its real subset);
-    `cells`: indexed by cell, with the columns classifier, policy, real, generator, ratio (a number, nan when
-    classes differ), synthetic (a label), baseline ('' for baselines), optionally controls (the cell's control
-    cells, `;`-separated) and `x` (real training images, for learning curves).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    plots = folder / "plots"
-    plots.mkdir(exist_ok=True)
-    summary = stats.summarize(results, min_units=min_units)
-    baselines = {c: b for c, b in cells["baseline"].items() if b}
-    pairs = list(baselines.items())
-    if "controls" in cells:
-        pairs += [
-            (c, k) for c, ks in cells["controls"].items() if isinstance(ks, str) for k in ks.split(";") if k
-        ]
-    comparison = (
-        stats.compare(results, pairs, min_units=min_units, margin=margin)
-        if pairs
-        else pd.DataFrame(columns=[*COMPARISON_COLUMNS, "p_holm"])
-    )
-    paths = stats.write_report(summary, comparison, folder, minority_metric, metric, margin)
-    results.to_csv(folder / "results.csv", index=False)
-    cells.to_csv(folder / "cells.csv")
-
-    present = set(summary["metric"])
-    for m in dict.fromkeys([*stats.TABLE_COLUMNS.values(), metric, minority_metric]):
-        if m in present:
-            stats.plot_cells(summary, m, baselines).savefig(plots / f"cells_{slug(m)}.png")
-
-    augmented = cells[cells["generator"] != "none"]
-    for (policy, real, gen), group in augmented.groupby(["policy", "real", "generator"], sort=False):
-        selected = pd.concat([cells.loc[group["baseline"].unique()], group])
-        if selected["ratio"].isna().any():
-            print(
-                f"no ratio curve for {gen} (policy {policy}, real {real}): its classes get different ratios"
-            )
-            continue
-        fig = stats.plot_ratio_curve(summary, selected, metric, x="ratio", hue="classifier")
-        fig.axes[0].set_title(f"{gen}: policy {policy}, real data {real}")
-        fig.savefig(plots / f"ratio_{slug(gen)}_{slug(policy)}_real{slug(real)}.png")
-
-    curves, worth = [], []
-    higher_is_better = "cross_entropy" not in metric
-    main = results[results["metric"] == metric]
-
-    def values(cell: str) -> np.ndarray:
-        return main.loc[main["cell"] == cell, "value"].to_numpy()
-
-    for (clf, policy), group in cells.groupby(["classifier", "policy"], sort=False):
-        real_only = group[group["generator"] == "none"]
-        if real_only[x].nunique() < 2:
-            continue
-        if group.duplicated([x, "synthetic"]).any():
-            print(
-                f"no learning curve for {clf}/{policy}: several of its cells train on the same number of real images"
-            )
-            continue
-        curves.append(
-            stats.learning_curve(results, group, metric, x=x, group="synthetic").assign(
-                classifier=clf, policy=policy
-            )
+    def __init__(self, total: dict[str, int], costs: dict):
+        self.total, self.count, self.costs, self.start = (
+            dict(total),
+            dict.fromkeys(total, 0),
+            costs,
+            time.monotonic(),
         )
-        fig = stats.plot_ratio_curve(summary, group, metric, x=x, hue="synthetic")
-        fig.axes[0].set_xscale("log")
-        fig.axes[0].set_title(f"learning curve: {clf}, policy {policy}")
-        fig.savefig(plots / f"learning_curve_{slug(clf)}_{slug(policy)}.png")
-        real_curve = {row[x]: values(c) for c, row in real_only.iterrows()}
-        against = comparison[comparison["metric"] == metric].drop_duplicates("cell").set_index("cell")
-        for c, row in group[group["generator"] != "none"].iterrows():
-            if c not in against.index or not stats.distinguishable(against.loc[c]):
-                # a worth read off a difference that may be zero is a number made of noise
-                worth.append({"cell": c, x: row[x], "flag": "not distinguishable"})
-                continue
-            w = stats.synthetic_worth(real_curve, values(c), row[x], higher_is_better=higher_is_better)
-            worth.append(
-                {
-                    "cell": c,
-                    x: row[x],
-                    "n_equivalent": w.n_equivalent,
-                    "ci_low": w.ci_low,
-                    "ci_high": w.ci_high,
-                }
-                | {"extra_real": w.extra_real, "flag": w.flag}
-                | {"frac_above": w.frac_above, "frac_below": w.frac_below}
-            )
-    table = paths["table"].read_text()
-    if "controls" in cells and (cells["controls"].fillna("") != "").any():
-        table += controls_table(comparison, cells, metric, margin)
-        paths["table"].write_text(table)
-    if curves:
-        pd.concat(curves, ignore_index=True).to_csv(folder / "learning_curve.csv", index=False)
-        worth = pd.DataFrame(worth)
-        worth.to_csv(folder / "worth.csv", index=False)
-        table += worth_table(worth, x, metric)
-        paths["table"].write_text(table)
-    return summary, comparison, table
+
+    def add(self, what: str, n: int) -> None:
+        self.total[what], self.count[what] = n, 0
+
+    def done(self, what: str) -> None:
+        self.count[what] += 1
+        elapsed = time.monotonic() - self.start
+        left = {k: self.total[k] - self.count[k] for k in self.total}
+        per = {k: self.costs.get(self.UNIT[k], math.nan) for k in self.total}
+        if all(not math.isnan(per[k]) for k in left if left[k]):
+            eta = sum(left[k] * per[k] for k in left)
+        else:
+            done = sum(self.count.values())
+            eta = elapsed / done * sum(left.values())
+        counts = ", ".join(f"{k} {self.count[k]}/{self.total[k]}" for k in self.total)
+        print(f"progress: {counts}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
 
 
-def worth_table(worth: pd.DataFrame, x: str, metric: str) -> str:
-    lines = [
-        f"\n### What the synthetic data is worth ({metric})\n",
-        f"| configuration | {x} | worth, real images [CI] | extra real images |",
-        "|---|:-:|:-:|:-:|",
-    ]
-    for row in worth.itertuples(index=False):
-        d = row._asdict()
-        if d["flag"] == "not distinguishable":
-            lines.append(f"| {d['cell']} | {d[x]:.4g} | not distinguishable | — |")
-            continue
-        lines.append(
-            f"| {d['cell']} | {d[x]:.4g} | {d['n_equivalent']:.4g} [{d['ci_low']:.4g}, {d['ci_high']:.4g}] "
-            f"| {d['extra_real']:+.1f} |"
-        )
-    note = (
-        "\nThe number of real images per class at which the real-only learning curve (isotonic, interpolated in "
-        "log n) reaches the augmented result; inf: beyond the largest real set measured, nan: below the smallest. "
-        "Only where the difference to the baseline is distinguishable from zero (its CI excludes 0); otherwise "
-        '"not distinguishable": no worth can be read off a difference that may be none.\n'
+def measured_costs(client: MlflowClient, exp_id: str, name: str, estimate: dict | None) -> dict:
+    """Seconds per generator training, per generated image and per classifier run: the medians of this
+    experiment's finished runs where it has some, else `estimate`'s, else unknown (nan)."""
+    out = {"generator_train_s": math.nan, "image_s": math.nan, "classifier_s": math.nan} | (estimate or {})
+    measured = []
+    gens = search(client, exp_id, {"level": "generator", "experiment": name}, finished=True)
+    for key in ("train_s", "image_s"):
+        values = [r.data.metrics[f"time/{key}"] for r in gens if f"time/{key}" in r.data.metrics]
+        if values:
+            out[f"generator_{key}" if key == "train_s" else key] = float(np.median(values))
+            measured.append(key)
+    seeds = search(client, exp_id, {"level": "seed", "experiment": name}, finished=True)
+    if seeds:
+        out["classifier_s"] = float(np.median([(r.info.end_time - r.info.start_time) / 1000 for r in seeds]))
+        measured.append("classifier_s")
+    out["generation_s"] = math.nan  # per generation step: set from the images each still needs
+    out["from"] = f"measured: {', '.join(measured)}" if measured else "from `estimate`, nothing measured yet"
+    return out
+
+
+def finished_run(client, exp_id, name, cell, seed, base, classifiers, subset_of, uri, metric) -> bool:
+    """For `--dry-run`: whether (cell, seed) has a finished run under the config hash it would run with. The real
+    data fingerprint is read from a finished run (a dry run loads no data), so this errs towards "to do"."""
+    previous = search(
+        client, exp_id, {"level": "seed", "experiment": name, "cell": cell.name, "seed": str(seed)}
     )
-    return "\n".join(lines) + "\n" + note
-
-
-def controls_table(comparison: pd.DataFrame, cells: pd.DataFrame, metric: str, margin: float) -> str:
-    """Per synthetic arm (generator and ratio): its comparisons with its baseline and its controls, paired by
-    unit, and which of them it beats."""
-    rows = comparison[comparison["metric"] == metric].set_index(["cell", "baseline"])
-    lines = [
-        f"\n### Against the baseline and the controls ({metric})\n",
-        "| configuration | against | Δ [CI] | P(improve) [CI] | verdict | p (Holm) | MDE | smallest p | beats |",
-        "|---|---|:-:|:-:|:-:|:-:|:-:|:-:|:-:|",
-    ]
-    for cell, row in cells.iterrows():
-        controls = [k for k in (row.get("controls") or "").split(";") if k]
-        if not controls:
-            continue
-        refs = [row["baseline"], *controls]
-        beaten = [r for r in refs if rows.loc[(cell, r), "verdict"] == "better"]
-        beats = ", ".join(cells.loc[r, "synthetic"] if r != row["baseline"] else "baseline" for r in beaten)
-        for r in refs:
-            d = rows.loc[(cell, r)]
-            name = "baseline" if r == row["baseline"] else cells.loc[r, "synthetic"]
-            lines.append(
-                f"| {cell} | {name} | {stats._interval(d['median_diff'], d['ci_low'], d['ci_high'], 3, '+')} "
-                f"| {stats._interval(d['p_improve'], d['p_improve_low'], d['p_improve_high'], 2)} | {d['verdict']} "
-                f"| {stats.format_p(d['p_holm'])} | {d['mde']:.3f} | {d['p_min']:.3g} | {beats or 'none'} |"
-            )
-    note = (
-        "\nControls, at the same number of added images per class from the same real subset: duplicate-real "
-        "(copies of the subset's own real images) and transform-medical (conventional transforms of them, no "
-        "inversion or posterisation). A synthetic source that beats neither shows nothing beyond more real "
-        f"copies. Verdict margin ±{margin:g}; MDE: the smallest mean difference the units could detect "
-        "(α 0.05, power 0.8; inf: the test cannot reach p < 0.05 with this many units); smallest p: the lowest "
-        "p-value the Wilcoxon test can give at this number of units.\n"
-    )
-    return "\n".join(lines) + "\n" + note
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text).strip("_")
+    done = [r for r in previous if complete(r, metric)]
+    if not done:
+        return False
+    data = cell.data(seed, subset_of(seed))
+    run = run_config(merge(base, classifiers[cell.classifier]), data, seed, name, uri)
+    fps = [folder_fingerprint(f) for f in data.get("synthetic") or []]
+    hashes = {run_hash(run, r.data.tags.get("data.fingerprint", ""), fps) for r in done}
+    return any(r.data.tags.get("config_hash") in hashes for r in done)
 
 
 def experiment(
@@ -684,6 +585,7 @@ def experiment(
     real_fractions: list[float | dict[str, float]] | None = None,
     real_counts: list[dict[str, int]] | None = None,
     synthetic: dict[str, Synthetic] | None = None,
+    schedules: list[Schedule] | None = None,
     seeds: int = 20,
     subset_seeds: int | None = None,
     metric: str = stats.MAIN_METRIC,
@@ -696,6 +598,8 @@ def experiment(
     controls: bool = True,
     margin: float = stats.MARGIN,
     min_units: int = stats.MIN_UNITS,
+    dry_run: bool = False,
+    estimate: dict[str, float] | None = None,
 ) -> str:
     """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
 
@@ -710,6 +614,10 @@ def experiment(
             either, each classifier's configured real data is the only setting.
         synthetic: generator name -> a synthetic source and its ratios; every (classifier, policy, real data)
             also gets its baseline without synthetic images.
+        schedules: how synthetic images are used, an axis of every synthetic cell (controls included): `mix`
+            (real and synthetic images shuffled together; the default) and `pretrain_finetune` (train on the
+            mix, then from its best checkpoint again on the real subset only; RoentGen-v2's synthetic
+            pre-training). Paired with the same baseline and controls.
         seeds: seeds 0..seeds-1 per cell: `seed_everything` and `data.seed` (synthetic draw, shuffling).
         subset_seeds: the number of distinct real subsets: seed s draws subset `s mod subset_seeds`, so each
             generator is trained that many times only. Default: seed s draws subset s (independent resamples).
@@ -725,10 +633,15 @@ def experiment(
             meaning), made per real subset under `outputs/synthetic/<name>/controls`.
         margin: the practical-equivalence margin of the verdicts, in units of the metric (0.01: one point).
         min_units: no CI or p-value from fewer effective replicates (independent units with distinct results).
+        dry_run: print the plan (generator trainings, generations, classifier runs still to do) and its
+            estimated cost, then stop: nothing is trained or written.
+        estimate: seconds per step for the cost estimate where this experiment has not measured them yet:
+            `generator_train_s` (one generator training), `image_s` (one generated image), `classifier_s`
+            (one classifier run); measured durations of this experiment's finished runs take precedence.
     """
     synthetic = synthetic or {}
     controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
-    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic, controls_dir)
+    cells = grid(base, classifiers, policies, real_fractions, real_counts, synthetic, controls_dir, schedules)
     subset_of = (lambda s: s) if subset_seeds is None else (lambda s: s % subset_seeds)
 
     uri = tracking_uri(tracking)
@@ -737,13 +650,91 @@ def experiment(
     # Instantiate each classifier x policy once before anything trains: a typo fails now, not hours in.
     for clf, policy in dict.fromkeys((c.classifier, c.policy) for c in cells):
         SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)
+    subsets = sorted({subset_of(s) for s in range(seeds)})
+    steps, generator_dm = [], None
+    if any(s.train is not None for s in synthetic.values()):
+        steps, generator_dm = generators.plan_steps(cells, base, name, subsets, merge)
+        for source in synthetic.values():
+            generators.check_gate(source.gate)
+    pending_train = [s for s in steps if not s.trained]
+    pending_images = [s for s in steps if s.generated()]
+    costs = measured_costs(client, exp_id, name, estimate)
+    if dry_run:
+        for (
+            step
+        ) in steps:  # where the images will be: a missing folder fingerprints as new, so its runs count
+            synthetic[step.generator].made[(step.real, step.subset_seed)] = str(step.images)
+        fingerprints = {c: "" for c in classifiers}
+        todo = sum(
+            1
+            for cell in cells
+            for seed in range(seeds)
+            if not finished_run(client, exp_id, name, cell, seed, base, classifiers, subset_of, uri, metric)
+        )
+        images = sum(s.generated() for s in steps)
+        cost = (
+            len(pending_train) * costs["generator_train_s"]
+            + images * costs["image_s"]
+            + todo * costs["classifier_s"]
+        )
+        print(
+            f"{name} plan: {len(steps)} generator trainings ({len(pending_train)} to do), "
+            f"{len(steps)} generations ({len(pending_images)} to do, {images} images), "
+            f"{len(cells)} cells x {seeds} seeds = {len(cells) * seeds} classifier runs ({todo} to do); "
+            f"estimated {cost / 60:.1f} min at {costs['generator_train_s']:.0f} s per generator training, "
+            f"{costs['image_s']:.3g} s per image, {costs['classifier_s']:.0f} s per classifier run "
+            f"({costs['from']})"
+        )
+        return ""
+
+    def make_parent() -> str:
+        key = {"level": "experiment", "experiment": name}
+        return find_or_create(client, exp_id, key, name, {"git_commit": git_commit()})
+
+    # the generators' runs are its children; without generators a grid refused by `prepare` leaves no run
+    parent = make_parent() if steps else None
+    if pending_images:  # a generation step's cost: its share of the images still to make
+        costs["generation_s"] = costs["image_s"] * sum(s.generated() for s in steps) / len(pending_images)
+    progress = Progress(
+        {"generator trainings": len(pending_train), "generations": len(pending_images)}, costs
+    )
+    excluded: dict[tuple[str, str], str] = {}
+    for step in steps:
+        source = synthetic[step.generator]
+        if not step.trained:
+            started = time.monotonic()
+            generators.train(step, client, exp_id, name, uri, parent)
+            client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+            progress.done("generator trainings")
+        else:
+            generators.train(step, client, exp_id, name, uri, parent)  # finds its run, trains nothing
+        missing = step.generated()
+        if missing:
+            started = time.monotonic()
+            generators.generate_images(step, source.sampler)
+            client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+            progress.done("generations")
+        generators.check_quality(step, generator_dm, source.quality, source.gate)
+        generators.log_quality(step, client)
+        client.set_terminated(step.run_id, "FINISHED")
+        source.made[(step.real, step.subset_seed)] = str(step.images)
+        if source.filter is not None:
+            kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
+            for c, share in kept.items():
+                client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
+            source.made[(step.real, step.subset_seed)] = str(step.folder / f"filtered-{source.filter:g}")
+        if step.excluded:
+            excluded[(step.generator, step.real)] = f"subset {step.subset_seed}: {step.excluded}"
+    if excluded:
+        # a generator gated out on one subset leaves its cells for that real setting unpaired on it: all go
+        for (gen, real), why in excluded.items():
+            print(f"gate: {gen} at real={real} excluded from the classifier stage ({why})")
+        cells = [c for c in cells if (c.generator, c.real) not in excluded]
+    generator_runs = {(s.generator, s.real, s.subset_seed): s.run_id for s in steps}
     fingerprints, units = prepare(
         cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
     )
-
-    parent = find_or_create(
-        client, exp_id, {"level": "experiment", "experiment": name}, name, {"git_commit": git_commit()}
-    )
+    parent = parent or make_parent()
     settings = dict(
         name=name,
         base=base,
@@ -751,7 +742,8 @@ def experiment(
         policies=policies,
         real_fractions=real_fractions,
         real_counts=real_counts,
-        synthetic={k: asdict(v) for k, v in synthetic.items()},
+        synthetic={k: asdict(v) | {"made": None} for k, v in synthetic.items()},
+        schedules=schedules,
         seeds=seeds,
         subset_seeds=subset_seeds,
         controls=controls,
@@ -800,15 +792,18 @@ def experiment(
                 "config_hash": key,
                 "mlflow.parentRunId": cell_runs[cell.name],
             }
+            if (cell.generator, cell.real, subset_of(seed)) in generator_runs:
+                tags["generator_run"] = generator_runs[(cell.generator, cell.real, subset_of(seed))]
             jobs.append((run, tags, f"{cell.name} seed {seed}"))
     changed = f" ({stale} of them because their config, data or synthetic images changed)" if stale else ""
     print(
         f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train{changed}, "
         f"{len(cells) * seeds - len(jobs)} done"
     )
+    progress.add("classifier runs", len(jobs))
     try:
         with stop_on_signals() as stopped:
-            run_all(jobs, exp_id, workers, keep_checkpoints)
+            run_all(jobs, exp_id, workers, keep_checkpoints, progress)
     except BaseException:
         if not stopped:
             client.set_terminated(parent, "FAILED")
@@ -851,6 +846,22 @@ def experiment(
     ).set_index("cell")
     folder = Path(out) if out else Path("outputs") / "experiments" / name
     summary, _, markdown = report(results, table, folder, metric, minority_metric, x, margin, min_units)
+    if steps:  # how good the generators were, next to the verdicts
+        quality = generators.quality_table(steps)
+        quality += "".join(
+            f"\nExcluded by the gate: {g} at real={r} ({why}).\n" for (g, r), why in excluded.items()
+        )
+        markdown += quality
+        (folder / "report.md").write_text((folder / "report.md").read_text() + quality)
+        pd.concat(
+            [
+                s.quality.assign(
+                    generator=s.generator, real=s.real, subset_seed=s.subset_seed, gate=s.excluded or "passed"
+                )
+                for s in steps
+                if s.quality is not None
+            ]
+        ).to_csv(folder / "generator_quality.csv")
 
     now = int(pd.Timestamp.now().timestamp() * 1000)
     for cell, rows in summary.groupby("cell", sort=False):

@@ -52,17 +52,8 @@ from optuna.trial import FrozenTrial, TrialState
 from synaug import stats
 from synaug.cli import SynAugCLI
 from synaug.data.transforms import Policy
-from synaug.experiment import (
-    Cell,
-    Synthetic,
-    check_base,
-    experiment,
-    log_counts,
-    merge,
-    prepare,
-    run_config,
-    search,
-)
+from synaug.experiment.grid import Cell, Synthetic, check_base, experiment, merge, prepare, run_config
+from synaug.experiment.runs import log_counts, search
 from synaug.tracking import STORE, experiment_id, git_commit, rdb_storage, tracking_uri
 
 Report = Callable[[int, float], bool]  # (epoch, value) -> prune?
@@ -151,7 +142,7 @@ def tune(
     grace_period: int | None = None,
     max_retry: int = 3,
     evaluate_seeds: int = 20,
-    fit: str = "synaug.tune:fit_seed",
+    fit: str = "synaug.experiment.tune:fit_seed",
     tracking: str | None = None,
 ) -> FrozenTrial:
     """Tune the synthetic ratio per class on validation data; returns the best trial.

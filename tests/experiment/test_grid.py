@@ -18,11 +18,13 @@ from matplotlib.figure import Figure
 from synaug import stats
 from synaug.cli import main
 from synaug.data import ClassificationData, DataError
-from synaug.experiment import Synthetic, check_base, experiment, grid, merge, prepare, report, search
+from synaug.experiment.grid import Synthetic, check_base, experiment, grid, merge, prepare
+from synaug.experiment.report import report
+from synaug.experiment.runs import search
+from synaug.experiment.tune import tune
 from synaug.generators.transform import transform_generate
-from synaug.tune import tune
 
-EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).parents[2] / "experiments"
 CNN = {
     "cnn": {
         "model": {

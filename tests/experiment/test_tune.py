@@ -10,8 +10,8 @@ from matplotlib.figure import Figure
 
 from synaug.data import ClassificationData
 from synaug.experiment import label, search
+from synaug.experiment.tune import tune
 from synaug.generators.transform import transform_generate
-from synaug.tune import tune
 
 MODEL = {
     "class_path": "synaug.classifiers.ImageClassifier",

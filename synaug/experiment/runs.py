@@ -1,0 +1,97 @@
+"""MLflow queries of the experiment commands: paged tag searches, the runs of a cell, their results table.
+
+`synaug experiment`, `synaug tune` and `synaug.notebooks` read runs through these, so a run is "complete" or a
+tag value "matched" in one way everywhere.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Run
+
+from synaug import stats
+
+if TYPE_CHECKING:
+    from synaug.experiment.grid import Cell
+
+
+def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
+    """The real and synthetic training images per class, as metrics: the x of learning curves."""
+    metrics = {"data/real_per_class": float(counts["real_kept"].mean())}
+    for c, row in counts.iterrows():
+        metrics[f"data/real_kept/{c}"] = float(row["real_kept"])
+        metrics[f"data/synthetic/{c}"] = float(row["synthetic"])
+    for k, v in metrics.items():
+        client.log_metric(run_id, k, v)
+
+
+def search(
+    client: MlflowClient, experiment_id: str | list[str], tags: dict[str, str], finished: bool = False
+) -> list[Run]:
+    """Every active run of the experiment(s) with these tag values (only FINISHED ones with `finished`), oldest
+    first, across result pages.
+
+    MLflow's filter language has no escape for a quote inside a string, so a value holding a quote or a
+    backslash (a cell or experiment named `it's`) is not written into the filter: it is matched here."""
+    ids = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
+    exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
+    terms = [f"tags.`{k}` = '{v}'" for k, v in exact.items()] + ["attributes.status = 'FINISHED'"] * finished
+    runs, token = [], None
+    while True:
+        page = client.search_runs(
+            ids,
+            " and ".join(terms),
+            max_results=5000,
+            order_by=["attributes.start_time ASC"],
+            page_token=token,
+        )
+        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
+        token = page.token
+        if not token:
+            return runs
+
+
+def find_or_create(
+    client: MlflowClient, experiment_id: str, key: dict[str, str], run_name: str, tags: dict[str, str]
+) -> str:
+    runs = search(client, experiment_id, key)
+    if runs:
+        client.update_run(runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    return client.create_run(experiment_id, run_name=run_name, tags={**key, **tags}).info.run_id
+
+
+def complete(run: Run, metric: str) -> bool:
+    return run.info.status == "FINISHED" and metric in run.data.metrics
+
+
+def collect(
+    runs: list[Run], cells: list[Cell], metric: str, x_metric: str, wanted: dict[tuple[str, str], str]
+) -> tuple[pd.DataFrame, dict]:
+    """The long results table (test metrics of the complete seed runs of these cells, in grid order, with the
+    `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
+    every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
+    only runs of the current config, data and synthetic images, are read."""
+    order = {c.name: i for i, c in enumerate(cells)}
+    rows, x, seen = [], {}, set()
+    for run in runs:
+        cell, seed = run.data.tags["cell"], run.data.tags["seed"]
+        if cell not in order or not complete(run, metric) or (cell, seed) in seen:
+            continue
+        if wanted.get((cell, seed)) != run.data.tags.get("config_hash"):
+            continue
+        seen.add((cell, seed))
+        if x_metric not in run.data.metrics:
+            known = sorted(k for k in run.data.metrics if k.startswith("data/real_kept/"))
+            raise ValueError(f"runs log no {x_metric}; per-class counts are {known}")
+        unit = run.data.tags.get("unit", run.data.tags["subset_seed"])
+        rows += [(cell, int(seed), k, v, unit) for k, v in run.data.metrics.items() if k.startswith("test/")]
+        x.setdefault(cell, run.data.metrics[x_metric])
+    results = pd.DataFrame(rows, columns=[*stats.RESULT_COLUMNS, "unit"])
+    results = results.sort_values(
+        ["cell", "seed", "metric"], key=lambda s: s.map(order) if s.name == "cell" else s
+    )
+    return results.reset_index(drop=True), x
