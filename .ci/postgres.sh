@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A local PostgreSQL for the multi-worker tuning test (tests/test_tune_postgres.py): installs the Debian package
+# A local PostgreSQL for the multi-worker tuning test (tests/experiment/test_tune_postgres.py): installs the Debian package
 # when missing, starts its cluster, and creates the role and database the test connects to:
 #     postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test   (the test reads $SYNAUG_POSTGRES_URL, else this)
 # Idempotent: a running server and an existing role/database are left as they are. Needs root (or sudo).
