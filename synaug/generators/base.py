@@ -223,6 +223,19 @@ class GeneratorModule(L.LightningModule):
         with atomic_path(self.export_dir()) as folder:  # a killed or full-disk export leaves no half folder
             self.save_pretrained(folder)
 
+    def with_warmup_schedule(self, opt: torch.optim.Optimizer) -> dict:
+        """`opt` with the diffusers learning-rate schedule `hparams.lr_schedule` (warm-up `warmup_steps`),
+        stepped per optimizer step over the whole fit."""
+        from diffusers.optimization import get_scheduler  # the contract itself needs no diffusers
+
+        sched = get_scheduler(
+            self.hparams.lr_schedule,
+            opt,
+            num_warmup_steps=self.hparams.warmup_steps,
+            num_training_steps=int(self.trainer.estimated_stepping_batches),
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
     def configure_callbacks(self) -> list[L.Callback]:
         every = self.hparams.get(self.grid_every_hparam, 0)
         return [SampleGrid(every, self.grid_folder)] if every else []

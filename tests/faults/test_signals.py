@@ -87,28 +87,7 @@ def test_sigkill_of_a_grid_then_the_same_command_finishes_it(breast_npz, tmp_pat
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signalled_experiment_stops_and_says_how_to_resume(breast_npz, tmp_path, signum, figures):
     name = f"signalled-{signum.name}"
-    config = {
-        "name": name,
-        "base": {
-            "data": {"root": str(breast_npz), "image_size": 28, "batch_size": 64},
-            "trainer": {
-                "max_epochs": 1,
-                "limit_train_batches": 2,
-                "enable_progress_bar": False,
-                "callbacks": [{"class_path": "hang.HangInFit"}],
-            },
-        },
-        "classifiers": {
-            "cnn": {
-                "model": {
-                    "class_path": "synaug.classifiers.ImageClassifier",
-                    "init_args": {"backbone": "basic_cnn"},
-                }
-            }
-        },
-        "seeds": 3,
-    }
-    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))
+    grid(breast_npz, tmp_path, name)
     env = os.environ | {"HANG_DIR": str(tmp_path), "HANG_AT_FIT": "2"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
     proc = subprocess.Popen(

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 
 from synaug.generators import base
@@ -142,13 +141,7 @@ class ClassConditionalDiffusion(GeneratorModule):
         opt = torch.optim.AdamW(
             self.unet.parameters(), lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
         )
-        sched = get_scheduler(
-            hp.lr_schedule,
-            opt,
-            num_warmup_steps=hp.warmup_steps,
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.with_warmup_schedule(opt)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         # Here rather than in on_train_batch_end: once per optimizer step, also under gradient accumulation.

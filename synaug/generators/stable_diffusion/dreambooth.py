@@ -63,7 +63,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -339,13 +338,7 @@ class DreamBooth(GeneratorModule):
             for ms, lr in (([self.unet], hp.lr), (self.text_encoders, hp.text_encoder_lr or hp.lr))
         ]
         opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=hp.weight_decay)
-        sched = get_scheduler(
-            hp.lr_schedule,
-            opt,
-            num_warmup_steps=hp.warmup_steps,
-            num_training_steps=int(self.trainer.estimated_stepping_batches),
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return self.with_warmup_schedule(opt)
 
     def setup(self, stage: str) -> None:
         # Before Lightning restores a checkpoint's weights: class images come from the base model.
