@@ -13,6 +13,7 @@ import importlib
 import inspect
 import logging
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -143,13 +144,29 @@ def respell(argv: list[str], params) -> list[str]:
 DEBUG_ENV = "SYNAUG_DEBUG"
 # What a user fixes: a bad config value, bad or missing data, an unusable store. Anything else is a bug and keeps
 # its traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+# pickle.UnpicklingError: a checkpoint refused by `weights_only=True` (it holds objects that could run code).
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    pickle.UnpicklingError,
+)
 
 
 def user_message(err: BaseException) -> str:
     """One line for a user error. jsonargparse reports a failed instantiation inside a Union ("Does not validate
     against any of the Union subtypes") with the real errors as text: keep the real one, name the class."""
     text = str(err)
+    if isinstance(
+        err, pickle.UnpicklingError
+    ):  # torch's text suggests weights_only=False: not for user files
+        found = re.search(r"(Unsupported global: [^\n]*?)(?: was not an allowed global|\n|$)", text)
+        return (
+            "refused to load a checkpoint that holds objects other than tensors and plain values (unpickling "
+            f"them could run code): {found.group(1) if found else text.splitlines()[0]}"
+        )
     if "Does not validate against any of the Union subtypes" in text:
         errors = [
             line.strip()[2:]

@@ -64,12 +64,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written under a temporary name in their own folder, synced, then renamed.
+    """Lightning checkpoints written under a temporary name in their own folder, then renamed when complete.
 
-    In the background: the checkpoint is serialised at once (a snapshot of this step's weights), then written,
-    synced and renamed on one thread while training goes on; a 134 MB ResNet-18 + Adam checkpoint costs about
-    0.4 s of disk I/O, as much as an epoch of 28 px BreastMNIST on 2 cores. One write at a time: the next save,
-    a removal, a load and teardown (the end of fit) wait for it first, and raise its error if it failed."""
+    In the background: the checkpoint is serialised at once (a snapshot of this step's weights), then written
+    and renamed on one thread while training goes on. One write at a time: the next save, a removal, a load and
+    teardown (the end of fit) wait for it first, and raise its error if it failed.
+    No fsync: the rename makes a checkpoint's name appear only over complete bytes, which is what a killed
+    process or a full disk needs; surviving a power cut is not worth it here: an fsync of a 134 MB ResNet-18 +
+    Adam checkpoint took 0.1-0.9 s on a cloud disk, a fit writes two per improving epoch, and the waits were a
+    quarter of `synaug fit`'s overhead on a 5-epoch job (experiments/bench/overhead.py)."""
 
     _pool: ThreadPoolExecutor | None = None
     _pending: Future | None = None
@@ -82,7 +85,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buf = io.BytesIO()
         torch.save(checkpoint, buf)
         self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._pending = self._pool.submit(_write_synced, buf, path)
+        self._pending = self._pool.submit(_write, buf, path)
 
     def remove_checkpoint(self, path) -> None:
         self._wait()
@@ -106,8 +109,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pending.result()
 
 
-def _write_synced(buf: io.BytesIO, path) -> None:
+def _write(buf: io.BytesIO, path) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(buf.getbuffer())
-        f.flush()
-        os.fsync(f.fileno())  # the bytes are on disk before the name says they are

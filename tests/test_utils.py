@@ -1,7 +1,6 @@
 """AtomicCheckpointIO writes in the background: what a caller does next sees the write complete, in order."""
 
 import errno
-import os
 
 import pytest
 import torch
@@ -22,13 +21,24 @@ def test_a_checkpoint_is_loadable_at_once_and_a_removal_waits_for_its_write(tmp_
 
 
 def test_a_failed_background_write_raises_at_teardown_and_leaves_no_file(tmp_path, monkeypatch):
-    def full(fd):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    class Full:  # the file is created, then the disk fills up part-way through the write
+        def __init__(self, path, mode):
+            self.f = open(path, mode)  # noqa: SIM115 (closed in __exit__)
 
-    monkeypatch.setattr(utils.os, "fsync", full)
+        def write(self, data):
+            self.f.write(bytes(memoryview(data)[:10]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(utils, "open", Full, raising=False)  # the module's `open`, not the builtin
     io = AtomicCheckpointIO()
     io.save_checkpoint({"epoch": 0}, tmp_path / "a.ckpt")  # returns before the write fails
     with pytest.raises(OSError, match="No space left"):
         io.teardown()
-    monkeypatch.setattr(utils.os, "fsync", os.fsync)
+    monkeypatch.delattr(utils, "open")
     assert list(tmp_path.iterdir()) == []  # no truncated file, no temporary one

@@ -37,6 +37,8 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "medmnist" / "breastmnist.npz"))
     p.add_argument("--real_fraction", type=float, default=0.1)
     p.add_argument("--per_class", type=int, default=20)
+    p.add_argument("--preset", default=None, help="diffusion UNet preset (tiny, cpu, small, ...); default: the config's")
+    p.add_argument("--batch_size", type=int, default=None, help="default: the config's")
     p.add_argument("--out", default="outputs/bench/generator_budget")
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -49,6 +51,10 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix=f"{a.kind}{steps}-"))
         overrides = {"trainer": {"max_steps": steps, "logger": False, "enable_progress_bar": False}}
         overrides["model"] = {"init_args": {"sample_every": 10**9}}
+        if a.preset:
+            overrides["model"]["init_args"]["preset"] = a.preset
+        if a.batch_size:
+            overrides["data"] = {"batch_size": a.batch_size}
         if (
             a.kind == "pggan"
         ):  # grow through every stage within the budget: 4 stages of stable + fade iterations

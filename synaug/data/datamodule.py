@@ -122,6 +122,7 @@ class ClassificationData(L.LightningDataModule):
             data_root=h.data_root,
             group_pattern=h.group_pattern,
             near_threshold=h.near_threshold,
+            on_bad_image=h.on_bad_image,
         )
 
     @property
@@ -269,7 +270,7 @@ class ClassificationData(L.LightningDataModule):
             )
         table = pd.concat(parts, ignore_index=True)
         keep, self.images = self._load(table)
-        self.skipped = table.loc[~keep, "id"].tolist()
+        self.skipped = [*self.source.missing, *table.loc[~keep, "id"].tolist()]
         table = table[keep].reset_index(drop=True)
         self.table = table  # `load_row` reads through it
         try:

@@ -46,6 +46,7 @@ class ImageSource:
     classes: list[str]
     items: pd.DataFrame  # id, label, split, path (files) ; row order is the index used everywhere
     arrays: np.ndarray | None = None  # (N, H, W[, C]) uint8 for array-backed sources, in `items` order
+    missing: list[str] = field(default_factory=list)  # manifest rows left out with on_bad_image="skip"
     fingerprint: str = field(init=False)
 
     def __post_init__(self):
@@ -160,10 +161,13 @@ def load_source(
     carve: bool = True,
     group_pattern: str | None = None,
     near_threshold: int = NEAR_BITS,
+    on_bad_image: OnBad = "error",
 ) -> ImageSource:
     """Open a folder, a MedMNIST `.npz` or a CSV manifest (`path,label[,split][,group]`) as an ImageSource.
 
-    CSV paths are relative to `data_root` (default: the CSV's folder) and may not point outside it.
+    CSV paths are relative to `data_root` (default: the CSV's folder) and may not point outside it. A listed
+    file that is not on disk is an error naming it, or with `on_bad_image="skip"` a row left out and named in
+    `missing` (as the datamodule skips unreadable images).
     `carve=False` keeps the splits exactly as the source has them (what `synaug data audit` reports on).
     `group_pattern`: a regular expression on file names whose first capture group (else the whole match) names
     the subject, e.g. `^(P\\d+)_` for `P012_slice07.png`; a name it does not match is an error.
@@ -176,7 +180,7 @@ def load_source(
     elif path.suffix == ".npz":
         src = _from_npz(path, classes)
     elif path.suffix == ".csv":
-        src = _from_csv(path, Path(data_root).expanduser() if data_root else path.parent)
+        src = _from_csv(path, Path(data_root).expanduser() if data_root else path.parent, on_bad_image)
     elif not path.exists():
         raise DataError(f"data source not found: {path}")
     else:
@@ -270,20 +274,31 @@ def _from_npz(path: Path, classes: Sequence[str] | None) -> ImageSource:
     return ImageSource(path, list(classes), items, arrays=np.concatenate([im for _, im, _ in parts]))
 
 
-def _from_csv(path: Path, root: Path) -> ImageSource:
+def _from_csv(path: Path, root: Path, on_bad_image: OnBad = "error") -> ImageSource:
     table = pd.read_csv(path, dtype=str, keep_default_na=False)
     missing = {"path", "label"} - set(table.columns)
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,split]")
     root = root.resolve()
-    resolved = []
+    resolved, missing = [], []
     for p in table["path"]:
         full = (root / p).resolve()
         if not full.is_relative_to(root):
             raise DataError(f"{path}: manifest path escapes the data root {root}: {p} -> {full}")
         if not full.is_file():
-            raise DataError(f"{path}: manifest names a file that does not exist under {root}: {p}")
+            if on_bad_image == "error":
+                raise DataError(
+                    f"{path}: manifest names a file that does not exist under {root}: {p} "
+                    "(data.on_bad_image: skip leaves such rows out)"
+                )
+            missing.append(p)
         resolved.append(str(full))
+    if missing:
+        keep = ~table["path"].isin(missing)
+        table, resolved = (
+            table[keep].reset_index(drop=True),
+            [r for r, k in zip(resolved, keep, strict=True) if k],
+        )
     classes = sorted(table["label"].unique())
     split = table.get("split", "")
     bad = set(table["split"]) - set(SPLITS) if "split" in table else set()
@@ -298,7 +313,7 @@ def _from_csv(path: Path, root: Path) -> ImageSource:
                 f"{path}: the group column is empty for {int((table['group'] == '').sum())} row(s)"
             )
         items["group"] = table["group"].to_numpy()
-    return ImageSource(root, classes, items)
+    return ImageSource(root, classes, items, missing=missing)
 
 
 def _carve_splits(

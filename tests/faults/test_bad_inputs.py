@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -134,17 +135,21 @@ def test_debug_shows_the_traceback(breast_npz, tmp_path, monkeypatch):
         main([*fit_args(npz(tmp_path, train_images=IMAGES), "e7"), "--debug"])
 
 
-def test_an_unusable_mlflow_store_is_named(breast_npz, tmp_path, monkeypatch, capsys, figures):
+@pytest.mark.parametrize("kind", ["corrupt", "not writable"])
+def test_an_unusable_mlflow_store_is_named(kind, breast_npz, tmp_path, monkeypatch, capsys, figures):
     monkeypatch.chdir(tmp_path)
     store = tmp_path / "store" / "mlflow.db"
-    store.parent.mkdir()
-    store.write_bytes(b"this is no SQLite database\n" * 100)
+    if kind == "corrupt":
+        store.parent.mkdir()
+        store.write_bytes(b"this is no SQLite database\n" * 100)
+    else:  # its folder cannot be created (a file has the name): what a read-only mount does, also for root
+        store.parent.write_text("")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
     with pytest.raises(SystemExit) as exit_:
         main(fit_args(breast_npz, "e8"))
     line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert exit_.value.code == 2 and f"{store}: cannot open the MLflow store" in line
-    figures("bad inputs refused", "corrupt MLflow store", line)
+    assert exit_.value.code == 2 and f"{store}: cannot open the MLflow store" in line, line
+    figures("bad inputs refused", f"{kind} MLflow store", line)
 
 
 def test_a_synthetic_file_missing_from_disk_is_named_or_skipped(breast_npz, synthetic, tmp_path, figures):
@@ -164,3 +169,22 @@ def test_a_synthetic_file_missing_from_disk_is_named_or_skipped(breast_npz, synt
     skipping.setup("fit")  # `on_bad_image: skip` applies to missing files too
     assert skipping.skipped and all(any(v.name in str(s) for v in victims) for s in skipping.skipped)
     figures("bad inputs refused", "synthetic manifest row whose file is missing", str(err.value))
+
+
+def test_a_real_manifest_row_whose_file_is_missing_is_named_or_skipped(brain_root, tmp_path, figures):
+    from synaug.data import ClassificationData
+
+    shipped = pd.read_csv(brain_root / "manifest.csv")
+    rows = shipped[shipped["split"] == "train"].groupby("class").head(6)
+    table = pd.DataFrame({"path": rows["path"], "label": rows["class"]})
+    table.loc[len(table)] = ["train/glioma/not-there.jpg", "glioma"]
+    csv = tmp_path / "manifest.csv"
+    table.to_csv(csv, index=False)
+    kw = dict(root=str(csv), data_root=str(brain_root), image_size=16, val_fraction=0.25, test_fraction=0.25)
+    with pytest.raises(DataError, match="not-there.jpg.*on_bad_image: skip") as err:
+        ClassificationData(**kw).setup("fit")
+    skipping = ClassificationData(**kw, on_bad_image="skip")
+    skipping.setup("fit")
+    assert skipping.skipped == ["train/glioma/not-there.jpg"]
+    assert len(skipping.source) == len(rows)  # every image on disk is kept
+    figures("bad inputs refused", "CSV manifest row whose file is missing", str(err.value))

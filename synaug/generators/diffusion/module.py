@@ -55,7 +55,7 @@ class ClassConditionalDiffusion(GeneratorModule):
         in_chans: int,
         image_size: int,
         class_names: list[str] | None = None,
-        preset: Literal["tiny", "small", "base", "large"] = "base",
+        preset: Literal["tiny", "cpu", "small", "base", "large"] = "base",
         unet_kwargs: dict[str, Any] | None = None,
         num_train_timesteps: int = 1000,
         beta_schedule: str = "squaredcos_cap_v2",
