@@ -699,32 +699,54 @@ def experiment(
         {"generator trainings": len(pending_train), "generations": len(pending_images)}, costs
     )
     excluded: dict[tuple[str, str], str] = {}
-    for step in steps:
-        source = synthetic[step.generator]
-        if not step.trained:
-            started = time.monotonic()
-            generators.train(step, client, exp_id, name, uri, parent)
-            client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
-            progress.done("generator trainings")
-        else:
-            generators.train(step, client, exp_id, name, uri, parent)  # finds its run, trains nothing
-        missing = step.generated()
-        if missing:
-            started = time.monotonic()
-            generators.generate_images(step, source.sampler)
-            client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
-            progress.done("generations")
-        generators.check_quality(step, generator_dm, source.quality, source.gate)
-        generators.log_quality(step, client)
-        client.set_terminated(step.run_id, "FINISHED")
-        source.made[(step.real, step.subset_seed)] = str(step.images)
-        if source.filter is not None:
-            kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
-            for c, share in kept.items():
-                client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
-            source.made[(step.real, step.subset_seed)] = str(step.folder / f"filtered-{source.filter:g}")
-        if step.excluded:
-            excluded[(step.generator, step.real)] = f"subset {step.subset_seed}: {step.excluded}"
+    finished = 0  # generator steps done (trained, sampled, checked): kept for the next run of the command
+    try:
+        with stop_on_signals() as stopped:
+            for step in steps:
+                source = synthetic[step.generator]
+                if not step.trained:
+                    started = time.monotonic()
+                    generators.train(step, client, exp_id, name, uri, parent)
+                    client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+                    progress.done("generator trainings")
+                else:
+                    generators.train(step, client, exp_id, name, uri, parent)  # finds its run, trains nothing
+                missing = step.generated()
+                if missing:
+                    started = time.monotonic()
+                    generators.generate_images(step, source.sampler)
+                    client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+                    progress.done("generations")
+                generators.check_quality(step, generator_dm, source.quality, source.gate)
+                generators.log_quality(step, client)
+                client.set_terminated(step.run_id, "FINISHED")
+                source.made[(step.real, step.subset_seed)] = str(step.images)
+                if source.filter is not None:
+                    kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
+                    for c, share in kept.items():
+                        client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
+                    source.made[(step.real, step.subset_seed)] = str(
+                        step.folder / f"filtered-{source.filter:g}"
+                    )
+                if step.excluded:
+                    excluded[(step.generator, step.real)] = f"subset {step.subset_seed}: {step.excluded}"
+                finished += 1
+    except BaseException:
+        if not stopped:
+            client.set_terminated(parent, "FAILED")
+            raise
+        flight = steps[finished]  # its fit saw the signal as an error (FAILED): it was stopped, not broken
+        if flight.run_id and client.get_run(flight.run_id).info.status != "FINISHED":
+            client.set_terminated(flight.run_id, "KILLED")
+        client.set_terminated(parent, "KILLED")
+        print(
+            f"{name}: stopped by {signal.Signals(stopped[0]).name} in the generator stage: {finished} of "
+            f"{len(steps)} generator steps finished (kept), no classifier run started; no report. Resume with "
+            "the same command: it redoes only what did not finish (a killed generator fit resumes from its "
+            "last checkpoint).",
+            file=sys.stderr,
+        )
+        raise SystemExit(128 + stopped[0]) from None
     if excluded:
         # a generator gated out on one subset leaves its cells for that real setting unpaired on it: all go
         for (gen, real), why in excluded.items():

@@ -116,3 +116,44 @@ def test_a_signalled_experiment_stops_and_says_how_to_resume(breast_npz, tmp_pat
     (parent,) = client.search_runs([exp.experiment_id], "tags.level = 'experiment'")
     assert parent.info.status == "KILLED"
     figures("faults survived", f"{signum.name} during `synaug experiment`", f"exit {proc.returncode}: {line}")
+
+
+@pytest.mark.slow  # real `synaug` processes: their imports dominate
+def test_sigterm_in_the_generator_stage_stops_and_says_how_to_resume(breast_npz, tmp_path, figures):
+    name = "signalled-generator"
+    grid(breast_npz, tmp_path, name)
+    config = yaml.safe_load((tmp_path / "grid.yaml").read_text())
+    config["base"]["trainer"].pop("callbacks")  # the hang is in the generator's fit, the first of the process
+    config["real_fractions"] = [0.1]
+    config["synthetic"] = {
+        "diffusion": {
+            "train": str(Path(__file__).parents[2] / "configs" / "generators" / "diffusion_tiny.yaml"),
+            "overrides": {"trainer": {"max_steps": 4, "callbacks": [{"class_path": "hang.HangInFit"}]}},
+            "sampler": {"steps": 2},
+        }
+    }
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(config))
+    proc = start(tmp_path, HANG_AT_FIT="1")
+    try:
+        deadline = time.time() + 300
+        while not (tmp_path / "fitting").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    line = next(
+        x for x in out.splitlines() if x.startswith(f"{name}: stopped by SIGTERM in the generator stage")
+    )
+    assert "0 of 3 generator steps finished" in line and "same command" in line
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name(name)
+    (parent,) = client.search_runs([exp.experiment_id], "tags.level = 'experiment'")
+    (generator,) = client.search_runs([exp.experiment_id], "tags.level = 'generator'")
+    assert parent.info.status == "KILLED" and generator.info.status == "KILLED"
+    figures(
+        "faults survived", "SIGTERM during a generator fit inside `synaug experiment`", f"exit 143: {line}"
+    )
