@@ -20,7 +20,7 @@ import requests
 import sqlalchemy
 
 from synaug.cli import main
-from synaug.tracking import experiment_id
+from synaug.tracking import PID, experiment_id, owner
 
 URL = os.environ.get("SYNAUG_POSTGRES_URL", "postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test")
 BIN = Path(sys.executable).parent
@@ -192,3 +192,16 @@ def test_no_server_is_one_line_at_once(breast_npz, tmp_path, monkeypatch, capsys
     line = err[-1]
     assert line.startswith("synaug: error: ") and f"{uri}: no MLflow tracking server answers" in line, line
     assert "Connection refused" in line and "tools/mlflow_server.sh" in line
+
+
+def test_a_dead_process_run_is_marked_killed(server):
+    """`mark_killed` through the server: a run left RUNNING by a process of this machine that is gone."""
+    client = mlflow.MlflowClient(server["uri"])
+    name = f"killed-{uuid.uuid4().hex[:8]}"
+    exp_id = experiment_id(client, name, server["uri"])
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = client.create_run(exp_id, tags=owner() | {PID: str(gone.pid)}).info.run_id
+    alive = client.create_run(exp_id, tags=owner()).info.run_id  # this process
+    assert experiment_id(client, name, server["uri"]) == exp_id
+    assert client.get_run(dead).info.status == "KILLED" and client.get_run(alive).info.status == "RUNNING"
