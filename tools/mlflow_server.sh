@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # An MLflow tracking server for synaug runs of many processes or machines (README: "MLflow tracking server"):
-#     tools/mlflow_server.sh postgresql://USER:PASS@HOST:5432/DB [mlflow server options ...]
+#     tools/mlflow_server.sh postgresql+psycopg2://USER:PASS@HOST:5432/DB [mlflow server options ...]
+# (+psycopg2: SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3, which synaug does not install.)
 # Runs and metrics go to the PostgreSQL database (MLflow creates its tables on the first start); artifacts are
 # uploaded through the server into mlruns/server-artifacts/ (relative to where it is started), so clients need no
 # access to that folder. It binds to 127.0.0.1:5000: only this machine can reach it until `--host 0.0.0.0` (with
@@ -11,7 +12,7 @@
 # mlflow executable (default: the checkout's .venv/bin/mlflow).
 set -euo pipefail
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
-  echo "usage: $0 postgresql://USER:PASS@HOST:5432/DB [mlflow server options ...]" >&2
+  echo "usage: $0 postgresql+psycopg2://USER:PASS@HOST:5432/DB [mlflow server options ...]" >&2
   exit 2
 fi
 backend=$1
