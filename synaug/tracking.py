@@ -88,7 +88,7 @@ def _create_store(uri: str) -> None:
 
 @functools.cache
 def _check_server(uri: str) -> None:
-    # MLflow's client retries a refused connection with backoff for minutes, then fails with a traceback: a
+    # MLflow's client retries a refused connection with backoff (4 min with its defaults), then fails: a
     # server that is not running (or a mistyped port) is said at once. One request without retries, through
     # MLflow's own HTTP layer (its credentials and TLS settings); any HTTP status will do (a proxy in front of the
     # server may not route /health): only no answer at all is an error.
