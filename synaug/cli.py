@@ -197,6 +197,9 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     # Lightning's own use of a torch API torch deprecates: nothing a user can change.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # MLflow prints two "View run ... at: URL" lines whenever a run on a tracking server ends (every seed of a
+    # grid): the command's `results:` block names the run's page instead.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
 """MLflow tracking: one default local store, the provenance every run carries, figures as images.
 
 The local default is a SQLite database under `mlruns/` with artifacts beside it (MLflow 3 deprecates the
-plain `./mlruns` file store). `MLFLOW_TRACKING_URI` (or `tracking_uri` in a config) points at a server instead,
-unchanged.
+plain `./mlruns` file store). `MLFLOW_TRACKING_URI` (or `tracking_uri` in a config) points at a tracking server
+instead (`http://127.0.0.1:5000`, `tools/mlflow_server.sh`): the server keeps runs in its database and artifacts
+in its artifact root, and many processes and machines log to it at once.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import subprocess
 from contextlib import nullcontext
@@ -43,13 +45,16 @@ def tracking_uri(uri: str | None = None) -> str:
         uri = f"sqlite:///{(STORE / 'mlflow.db').resolve()}"
     if uri.startswith("sqlite:///"):
         _create_store(uri)
+    elif uri.startswith(("http://", "https://")):
+        _check_server(uri)
     return uri
 
 
 def store_lock(uri: str):
     """One process at a time creates or migrates a SQLite store (MLflow's or Optuna's): their alembic migrations
     collide when two processes find the same fresh file ("table _alembic_tmp_tags already exists" for good).
-    A file lock beside the database; a server (or PostgreSQL) serialises its own clients."""
+    A file lock beside the database; a server creates its tables when it starts (see `experiment_id` for what
+    its clients still race on)."""
     if not uri.startswith("sqlite:///"):
         return nullcontext()
     db = Path(uri.removeprefix("sqlite:///"))
@@ -81,6 +86,27 @@ def _create_store(uri: str) -> None:
         ) from err
 
 
+@functools.cache
+def _check_server(uri: str) -> None:
+    # MLflow's client retries a refused connection with backoff (4 min with its defaults), then fails: a
+    # server that is not running (or a mistyped port) is said at once. One request without retries, through
+    # MLflow's own HTTP layer (its credentials and TLS settings); any HTTP status will do (a proxy in front of the
+    # server may not route /health): only no answer at all is an error.
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, raise_on_status=False)
+    except MlflowException as err:
+        text = str(err)
+        reason = re.search(r"\[Errno -?\d+\][^\"')]*|timeout exception", text)
+        raise StoreError(
+            f"{uri}: no MLflow tracking server answers ({reason.group(0) if reason else text}); start it "
+            "(tools/mlflow_server.sh) or point MLFLOW_TRACKING_URI elsewhere"
+        ) from err
+
+
 def artifact_location(uri: str) -> str | None:
     """A SQLite store keeps its artifacts in `artifacts/` beside the database; a server decides its own."""
     if not uri.startswith("sqlite:///"):
@@ -90,11 +116,21 @@ def artifact_location(uri: str) -> str | None:
 
 def experiment_id(client: Client, name: str, uri: str) -> str:
     """The id of the MLflow experiment `name` in the store at `uri`, created with its artifact location if new."""
+    from mlflow.exceptions import MlflowException
+
     with store_lock(uri):  # two processes creating one experiment: the second would fail on the unique name
         exp = client.get_experiment_by_name(name)
-        exp_id = (
-            exp.experiment_id if exp else client.create_experiment(name, artifact_location(uri), TRAINING)
-        )
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            try:
+                exp_id = client.create_experiment(name, artifact_location(uri), TRAINING)
+            except MlflowException as err:
+                # A server (or a PostgreSQL store) has no lock to take: another process, on this machine or
+                # another, created it since we looked (tuning workers started together do).
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                exp_id = client.get_experiment_by_name(name).experiment_id
     mark_killed(client, exp_id)
     return exp_id
 
@@ -160,10 +196,16 @@ def run_note(uri: str, run_id: str) -> list[str]:
 
     client = mlflow.MlflowClient(uri)
     run = client.get_run(run_id)
-    experiment = client.get_experiment(run.info.experiment_id).name
+    exp_id = run.info.experiment_id
+    # A server is its own UI: the run's page; a local store needs `mlflow ui` started on it.
+    show = (
+        f"{uri.rstrip('/')}/#/experiments/{exp_id}/runs/{run_id}"
+        if uri.startswith(("http://", "https://"))
+        else f"mlflow ui --backend-store-uri {uri}"
+    )
     return [
-        f"MLflow run {run.info.run_name} ({run_id}) in experiment {experiment}",
-        f"  show it: mlflow ui --backend-store-uri {uri}",
+        f"MLflow run {run.info.run_name} ({run_id}) in experiment {client.get_experiment(exp_id).name}",
+        f"  show it: {show}",
     ]
 
 
