@@ -56,7 +56,7 @@ def _search(c: mlflow.MlflowClient, tags: dict[str, str], experiment: str | None
         if exp is None:
             raise LookupError(f"no MLflow experiment '{experiment}' at {c.tracking_uri}")
         ids = [exp.experiment_id]
-    return search(c, ids, tags, finished=True)
+    return search(c, ids, tags, status="FINISHED")
 
 
 def _numeric(column: pd.Series) -> pd.Series:
