@@ -47,10 +47,10 @@ BASELINE_KEYS = ("classifier", "policy", "real", "real_fraction", "real_count")
 
 def _search(c: mlflow.MlflowClient, tags: dict[str, str], experiment: str | None = None) -> list[Run]:
     """Every finished run with these tag values in `experiment` (default: all experiments), oldest first."""
-    from synaug.experiment.runs import search  # imports MLflow and pandas only, as this module does
+    from synaug.experiment.runs import every_page, search  # MLflow and pandas only, as this module
 
     if experiment is None:
-        ids = [e.experiment_id for e in c.search_experiments()]
+        ids = [e.experiment_id for e in every_page(c.search_experiments)]
     else:
         exp = c.get_experiment_by_name(experiment)
         if exp is None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -13,6 +14,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Run, RunStatus
 
 if TYPE_CHECKING:
+    from mlflow.store.entities import PagedList
+
     from synaug.experiment.grid import Cell
 
 
@@ -26,14 +29,25 @@ def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
         client.log_metric(run_id, k, v)
 
 
-PAGE = 5000  # runs per MLflow result page
+PAGE = 5000  # results per MLflow page
+
+
+def every_page(search: Callable[..., PagedList], *args, **kwargs) -> list:
+    """All results of an MLflow search (`client.search_runs`, `client.search_experiments`, ...), page after page."""
+    out, token = [], None
+    while True:
+        page = search(*args, max_results=PAGE, page_token=token, **kwargs)
+        out += page
+        token = page.token
+        if not token:
+            return out
 
 
 def search(
     client: MlflowClient, experiment_id: str | list[str], tags: dict[str, str], status: str | None = None
 ) -> list[Run]:
     """Every active run of the experiment(s) with these tag values (and this `status`: FINISHED, RUNNING, ...),
-    oldest first, across result pages.
+    oldest first.
 
     MLflow's filter language has no escape for a quote inside a string, so a value holding a quote or a
     backslash (a cell or experiment named `it's`) is not written into the filter: it is matched here."""
@@ -43,19 +57,8 @@ def search(
     if status is not None:
         RunStatus.from_string(status)  # a misspelt status is an error naming the valid ones, not zero runs
         terms.append(f"attributes.status = '{status}'")
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            ids,
-            " and ".join(terms),
-            max_results=PAGE,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
-        token = page.token
-        if not token:
-            return runs
+    runs = every_page(client.search_runs, ids, " and ".join(terms), order_by=["attributes.start_time ASC"])
+    return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
 
 def find_or_create(

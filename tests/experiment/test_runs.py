@@ -20,3 +20,10 @@ def test_search_follows_every_page_oldest_first(tmp_path, monkeypatch):
     assert len(runs.search(client, exp_id, {"level": "seed"}, status="RUNNING")) == 4
     with pytest.raises(Exception, match="Valid run status strings"):
         runs.search(client, exp_id, {"level": "seed"}, status="DONE")
+
+
+def test_every_page_of_experiments(tmp_path, monkeypatch):
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    made = {client.create_experiment(name) for name in ("a", "b", "c")}
+    monkeypatch.setattr(runs, "PAGE", 1)
+    assert made < {e.experiment_id for e in runs.every_page(client.search_experiments)}  # and "Default"
