@@ -2,9 +2,9 @@
 plain commands for the rest, each a function whose signature is its schema, with `-c config.yaml` as well.
 
 This module stays light: `synaug --help`, `--version` and a mistyped command import neither torch, Lightning nor
-MLflow; a command imports what it runs. `synaug COMMAND --help` is built once and then read from the cache
-(`help_text`). By default a command prints its own progress and results and none of the
-libraries' notices (`-v` shows them); a user error is one line and exit status 2 (`--debug` for the traceback).
+MLflow; a command imports what it runs, and `synaug COMMAND --help` is built once, then read from a cache
+(`help_text`). By default a command prints its own progress and results and none of the libraries' notices (`-v`
+shows them); a user error is one line and exit status 2 (`--debug` for the traceback).
 """
 
 from __future__ import annotations
