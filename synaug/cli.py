@@ -2,22 +2,30 @@
 plain commands for the rest, each a function whose signature is its schema, with `-c config.yaml` as well.
 
 This module stays light: `synaug --help`, `--version` and a mistyped command import neither torch, Lightning nor
-MLflow; a command imports what it runs. By default a command prints its own progress and results and none of the
-libraries' notices (`-v` shows them); a user error is one line and exit status 2 (`--debug` for the traceback).
+MLflow; a command imports what it runs, and `synaug COMMAND --help` is built once, then read from a cache
+(`help_text`). By default a command prints its own progress and results and none of the libraries' notices (`-v`
+shows them); a user error is one line and exit status 2 (`--debug` for the traceback).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import hashlib
 import importlib
 import inspect
+import io
+import json
 import logging
 import os
 import pickle
 import re
+import shutil
 import sys
 import warnings
 from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 COMMANDS = {
     "data audit": "synaug.data.audit:audit",
@@ -85,6 +93,12 @@ def version() -> str:
     return __version__
 
 
+def run_command(target: str, argv: list[str], prog: str):
+    """Run the command function `target` ("module:function") with these words."""
+    module, fn = target.split(":")
+    return run_function(getattr(importlib.import_module(module), fn), argv, prog)
+
+
 def run_function(fn: Callable, argv: list[str], prog: str):
     """Run a command function from the command line: its signature is the schema, `-c` reads YAML."""
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -137,6 +151,57 @@ def respell(argv: list[str], params) -> list[str]:
             word = f"--{other[name]}{eq}{value}"
         out.append(word)
     return out
+
+
+# ---- a command's help, built once ----
+
+HELP = (["-h"], ["--help"])
+SOURCE = Path(__file__).parent  # synaug's own code: its signatures and docstrings are the help
+
+
+def help_key(argv: list[str], verbose: bool) -> str:
+    """What a command's help text depends on: its words, Lightning's log level (`-v` turns the model summary's
+    default on), the terminal's width, the interpreter, the packages installed (the dist-info and .pth entries of
+    every folder on sys.path: names and versions) and synaug's own source files (path, mtime, size)."""
+    folders = [p for p in sys.path if os.path.isdir(p)]
+    key = {
+        "argv": argv,
+        "verbose": verbose,
+        "columns": shutil.get_terminal_size().columns,
+        "python": [sys.executable, sys.version],
+        "packages": sorted(
+            {n for p in folders for n in os.listdir(p) if n.endswith((".dist-info", ".egg-info", ".pth"))}
+        ),
+        "source": [(str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in sorted(SOURCE.rglob("*.py"))],
+    }
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
+
+
+def help_text(argv: list[str], verbose: bool, build: Callable[[], object]) -> None:
+    """Print `synaug COMMAND --help`: `build()` prints it the first time, later calls read it from
+    `$SYNAUG_CACHE/help/` (`synaug.cache`'s folder). Building a training verb's help imports Lightning, and
+    Lightning imports torchmetrics whole, transformers, torchvision (and with it torch._dynamo) and scipy.signal
+    included: about 10 s on a loaded 2-core machine, where synaug's own imports take under 1 s, so only not
+    building it again brings `synaug fit --help` under a few seconds."""
+    # synaug.cache.cache_dir(), which would import torch
+    root = Path(os.environ.get("SYNAUG_CACHE", Path.home() / ".cache" / "synaug"))
+    path = root / "help" / f"{help_key(argv, verbose)}.txt"
+    if path.is_file():
+        print(path.read_text(), end="")
+        raise SystemExit(0)  # as argparse does after a help
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            build()
+    except SystemExit as exit:
+        if exit.code in (None, 0):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")  # write then rename, as synaug.cache does
+            tmp.write_text(out.getvalue())
+            tmp.replace(path)
+        raise
+    finally:
+        sys.stdout.write(out.getvalue())
 
 
 # ---- main() and its error paths ----
@@ -235,8 +300,11 @@ def dispatch(argv: list[str], verbose: bool = True) -> None:
         if argv[: len(words)] == words:
             if not verbose:
                 quiet()
-            module, fn = target.split(":")
-            run_function(getattr(importlib.import_module(module), fn), argv[len(words) :], f"synaug {name}")
+            command = partial(run_command, target, argv[len(words) :], f"synaug {name}")
+            if argv[len(words) :] in HELP:
+                help_text(argv, verbose, command)
+            else:
+                command()
             return
     if not argv[0].startswith("-") and argv[0] not in TRAINING:
         if group := [name for name in COMMANDS if name.split()[0] == argv[0]]:
@@ -249,9 +317,16 @@ def dispatch(argv: list[str], verbose: bool = True) -> None:
         raise SystemExit(2)
     if not verbose:
         quiet()
+    if argv[1:] in HELP:
+        help_text(argv, verbose, partial(training, argv))
+    else:
+        training(argv)
+
+
+def training(argv: list[str]):
     from synaug.training import SynAugCLI
 
-    SynAugCLI(args=argv)
+    return SynAugCLI(args=argv)
 
 
 def __getattr__(name: str):

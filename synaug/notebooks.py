@@ -47,16 +47,16 @@ BASELINE_KEYS = ("classifier", "policy", "real", "real_fraction", "real_count")
 
 def _search(c: mlflow.MlflowClient, tags: dict[str, str], experiment: str | None = None) -> list[Run]:
     """Every finished run with these tag values in `experiment` (default: all experiments), oldest first."""
-    from synaug.experiment.runs import search  # imports MLflow and pandas only, as this module does
+    from synaug.experiment.runs import every_page, search  # MLflow and pandas only, as this module
 
     if experiment is None:
-        ids = [e.experiment_id for e in c.search_experiments()]
+        ids = [e.experiment_id for e in every_page(c.search_experiments)]
     else:
         exp = c.get_experiment_by_name(experiment)
         if exp is None:
             raise LookupError(f"no MLflow experiment '{experiment}' at {c.tracking_uri}")
         ids = [exp.experiment_id]
-    return search(c, ids, tags, finished=True)
+    return search(c, ids, tags, status="FINISHED")
 
 
 def _numeric(column: pd.Series) -> pd.Series:

@@ -150,9 +150,10 @@ def owner() -> dict[str, str]:
 def mark_killed(client: Client, exp_id: str) -> list[str]:
     """Runs left RUNNING by a process of this machine that no longer exists (SIGKILL, power loss, OOM) are marked
     KILLED; returns their ids. Runs of other machines are left alone (their process cannot be checked here)."""
+    from synaug.experiment.runs import search  # every page, and a host name matched safely whatever it holds
+
     killed = []
-    query = f"attributes.status = 'RUNNING' and tags.`{HOST}` = '{socket.gethostname()}'"
-    for run in client.search_runs([exp_id], query, max_results=1000):
+    for run in search(client, exp_id, {HOST: socket.gethostname()}, status="RUNNING"):
         pid = int(run.data.tags.get(PID, "0"))
         if pid and not _alive(pid):
             client.set_terminated(run.info.run_id, "KILLED")

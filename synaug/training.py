@@ -90,6 +90,8 @@ class SynAugCLI(LightningCLI):
                 ).isEnabledFor(logging.INFO),
             },
             seed_everything_default=0,
+            # "usage: synaug fit ..." however it was started (python -m, a script): the help is also cached
+            parser_kwargs={"prog": "synaug"},
             args=args,
             run=run,
         )

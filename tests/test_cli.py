@@ -8,6 +8,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from synaug import cli
 from synaug.cli import COMMANDS, SynAugCLI, main, respell
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs" / "classifiers").glob("*.yaml"))
@@ -248,3 +249,42 @@ def test_quiet_by_default_and_verbose_brings_the_model_summary_back(breast_npz, 
     assert summaries(SynAugCLI(args=args, run=False)) == []
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.INFO)  # -v: Lightning's own
     assert len(summaries(SynAugCLI(args=args, run=False))) == 1
+
+
+def test_a_command_help_is_built_once_then_printed_without_torch_lightning_or_mlflow(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("SYNAUG_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "100")  # the width is part of the key: the same here and in the subprocess
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--help"])
+    built = capsys.readouterr().out
+    assert exit.value.code == 0 and "--trainer.max_epochs" in built and "--data.real_fraction" in built
+    code = (
+        "import sys, contextlib\n"
+        "from synaug.cli import main\n"
+        "with contextlib.suppress(SystemExit): main(['fit', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'mlflow') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == built + "[]\n"
+
+
+def test_a_command_help_is_built_again_when_synaug_a_package_the_width_or_v_changes(tmp_path, monkeypatch):
+    source, site = tmp_path / "synaug", tmp_path / "site-packages"
+    source.mkdir(), site.mkdir()
+    (source / "cli.py").write_text("x = 1\n")
+    monkeypatch.setattr(cli, "SOURCE", source)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("COLUMNS", "100")
+    keys = [cli.help_key(["fit", "--help"], False)]
+    (source / "cli.py").write_text("x = 12\n")
+    keys.append(cli.help_key(["fit", "--help"], False))
+    (site / "lightning-9.0.dist-info").mkdir()
+    keys.append(cli.help_key(["fit", "--help"], False))
+    keys.append(cli.help_key(["fit", "--help"], True))
+    monkeypatch.setenv("COLUMNS", "120")
+    keys.append(cli.help_key(["fit", "--help"], True))
+    keys.append(cli.help_key(["test", "--help"], True))
+    assert len(set(keys)) == len(keys)
+    assert cli.help_key(["test", "--help"], True) == keys[-1]

@@ -22,7 +22,6 @@ model-family knowledge (which layer, which method) lives in `synaug.models.gradc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -33,7 +32,7 @@ import torch
 import torch.nn as nn
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from scipy.ndimage import gaussian_filter
+from torchmetrics.functional.image import structural_similarity_index_measure
 
 from synaug import tracking
 from synaug.classifiers.finetune import load_classifier
@@ -136,28 +135,23 @@ def map_similarity(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
       asks only "are the same regions hot?". The headline score. nan if either map is constant.
     - cosine: cosine of the pixel vectors; like pearson but without centring, so a shared background level
       counts as agreement.
-    - ssim: structural similarity with a Gaussian window (sigma 1.5, Wang et al. 2004, data range 1),
-      averaged over the map; local rather than global agreement.
+    - ssim: structural similarity with a Gaussian window (sigma 1.5, Wang et al. 2004, data range 1; torchmetrics'
+      `structural_similarity_index_measure`), averaged over the map; local rather than global agreement.
     """
     if a.shape != b.shape:
         raise ValueError(f"Heat maps differ in shape: {a.shape} vs {b.shape}")
     a, b = a.astype(np.float64), b.astype(np.float64)
     x, y = a.ravel(), b.ravel()
+    # torchmetrics' Gaussian window is 11 x 11 for sigma 1.5 (3.5 sigma each side), K1 = 0.01 and K2 = 0.03; the
+    # maps are padded by reflection, so the mean is over every pixel
+    ssim = structural_similarity_index_measure(
+        torch.from_numpy(a)[None, None], torch.from_numpy(b)[None, None], sigma=1.5, data_range=1.0
+    )
     return {
         "pearson": float(np.corrcoef(x, y)[0, 1]),
         "cosine": float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))),
-        "ssim": _ssim(a, b),
+        "ssim": float(ssim),
     }
-
-
-def _ssim(a: np.ndarray, b: np.ndarray, sigma: float = 1.5) -> float:
-    c1, c2 = 0.01**2, 0.03**2  # Wang et al.'s K1, K2 for data range 1
-    blur = partial(gaussian_filter, sigma=sigma, truncate=3.5)
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    ssim = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(ssim.mean())
 
 
 def compare_real_synthetic(

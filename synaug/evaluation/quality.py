@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from mlflow.entities import Metric, Param
+from torch_fidelity.metric_prc import prc_features_to_metric
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
@@ -100,25 +101,20 @@ def kernel_distance(
     return float(mean), float(std), size
 
 
-def _kth_neighbour_distance(x: torch.Tensor, k: int) -> torch.Tensor:
-    if len(x) <= k:
-        raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {len(x)}")
-    return torch.cdist(x, x).kthvalue(k + 1, dim=1).values  # k + 1: the nearest is the sample itself
-
-
 def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """Improved precision and recall (Kynkäänniemi et al. 2019) on features (N, d), Euclidean distance.
 
     Each sample's ball has the radius of the distance to its k-th nearest neighbour in its own set; the
     union of a set's balls estimates its manifold. Precision: the share of fake samples inside the real
     manifold (how realistic the generated images are). Recall: the share of real samples inside the fake
-    manifold (how much of the real variety the generator covers).
+    manifold (how much of the real variety the generator covers). Computed by torch-fidelity (the step of its
+    `calculate_metrics(prc=True)` that takes features); torchmetrics (1.9) has no such metric.
     """
-    real_radii, fake_radii = _kth_neighbour_distance(real, k), _kth_neighbour_distance(fake, k)
-    d = torch.cdist(fake, real)  # (n_fake, n_real)
-    precision = (d <= real_radii[None, :]).any(dim=1).double().mean()
-    recall = (d <= fake_radii[:, None]).any(dim=0).double().mean()
-    return float(precision), float(recall)
+    for x in (real, fake):
+        if len(x) <= k:
+            raise ValueError(f"k-NN radii with k={k} need more than {k} samples, got {len(x)}")
+    out = prc_features_to_metric(fake, real, prc_neighborhood=k, verbose=False)  # generated first, then real
+    return out["precision"], out["recall"]
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -546,13 +546,13 @@ def measured_costs(client: MlflowClient, exp_id: str, name: str, estimate: dict 
     experiment's finished runs where it has some, else `estimate`'s, else unknown (nan)."""
     out = {"generator_train_s": math.nan, "image_s": math.nan, "classifier_s": math.nan} | (estimate or {})
     measured = []
-    gens = search(client, exp_id, {"level": "generator", "experiment": name}, finished=True)
+    gens = search(client, exp_id, {"level": "generator", "experiment": name}, status="FINISHED")
     for key in ("train_s", "image_s"):
         values = [r.data.metrics[f"time/{key}"] for r in gens if f"time/{key}" in r.data.metrics]
         if values:
             out[f"generator_{key}" if key == "train_s" else key] = float(np.median(values))
             measured.append(key)
-    seeds = search(client, exp_id, {"level": "seed", "experiment": name}, finished=True)
+    seeds = search(client, exp_id, {"level": "seed", "experiment": name}, status="FINISHED")
     if seeds:
         out["classifier_s"] = float(np.median([(r.info.end_time - r.info.start_time) / 1000 for r in seeds]))
         measured.append("classifier_s")

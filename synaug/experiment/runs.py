@@ -1,20 +1,21 @@
 """MLflow queries of the experiment commands: paged tag searches, the runs of a cell, their results table.
 
-`synaug experiment`, `synaug tune` and `synaug.notebooks` read runs through these, so a run is "complete" or a
-tag value "matched" in one way everywhere.
+`synaug experiment`, `synaug tune`, `synaug.notebooks` and `synaug.tracking` read runs through these, so a run is
+"complete" or a tag value "matched" in one way everywhere, and MLflow's result pages are followed in one place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities import Run
-
-from synaug import stats
+from mlflow.entities import Run, RunStatus
 
 if TYPE_CHECKING:
+    from mlflow.store.entities import PagedList
+
     from synaug.experiment.grid import Cell
 
 
@@ -28,30 +29,36 @@ def log_counts(client: MlflowClient, run_id: str, counts: pd.DataFrame) -> None:
         client.log_metric(run_id, k, v)
 
 
+PAGE = 5000  # results per MLflow page
+
+
+def every_page(search: Callable[..., PagedList], *args, **kwargs) -> list:
+    """All results of an MLflow search (`client.search_runs`, `client.search_experiments`, ...), page after page."""
+    out, token = [], None
+    while True:
+        page = search(*args, max_results=PAGE, page_token=token, **kwargs)
+        out += page
+        token = page.token
+        if not token:
+            return out
+
+
 def search(
-    client: MlflowClient, experiment_id: str | list[str], tags: dict[str, str], finished: bool = False
+    client: MlflowClient, experiment_id: str | list[str], tags: dict[str, str], status: str | None = None
 ) -> list[Run]:
-    """Every active run of the experiment(s) with these tag values (only FINISHED ones with `finished`), oldest
-    first, across result pages.
+    """Every active run of the experiment(s) with these tag values (and this `status`: FINISHED, RUNNING, ...),
+    oldest first.
 
     MLflow's filter language has no escape for a quote inside a string, so a value holding a quote or a
     backslash (a cell or experiment named `it's`) is not written into the filter: it is matched here."""
     ids = [experiment_id] if isinstance(experiment_id, str) else list(experiment_id)
     exact = {k: v for k, v in tags.items() if not set(v) & set("'\"\\")}
-    terms = [f"tags.`{k}` = '{v}'" for k, v in exact.items()] + ["attributes.status = 'FINISHED'"] * finished
-    runs, token = [], None
-    while True:
-        page = client.search_runs(
-            ids,
-            " and ".join(terms),
-            max_results=5000,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs += [r for r in page if all(r.data.tags.get(k) == v for k, v in tags.items())]
-        token = page.token
-        if not token:
-            return runs
+    terms = [f"tags.`{k}` = '{v}'" for k, v in exact.items()]
+    if status is not None:
+        RunStatus.from_string(status)  # a misspelt status is an error naming the valid ones, not zero runs
+        terms.append(f"attributes.status = '{status}'")
+    runs = every_page(client.search_runs, ids, " and ".join(terms), order_by=["attributes.start_time ASC"])
+    return [r for r in runs if all(r.data.tags.get(k) == v for k, v in tags.items())]
 
 
 def find_or_create(
@@ -75,6 +82,8 @@ def collect(
     `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
     every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
     only runs of the current config, data and synthetic images, are read."""
+    from synaug import stats  # scipy.stats and statsmodels: not for `search`, which every fit calls
+
     order = {c.name: i for i, c in enumerate(cells)}
     rows, x, seen = [], {}, set()
     for run in runs:

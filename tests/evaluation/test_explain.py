@@ -159,6 +159,12 @@ def test_map_similarity():
         map_similarity(a, a[:-1])
 
 
+def test_map_similarity_ssim_of_flat_maps_is_the_luminance_term():
+    # No variance, no covariance: SSIM is (2 mu_a mu_b + C1) / (mu_a^2 + mu_b^2 + C1), C1 = (0.01 x data range 1)^2
+    ssim = map_similarity(np.full((16, 16), 0.2), np.full((16, 16), 0.6))["ssim"]
+    assert ssim == pytest.approx((2 * 0.2 * 0.6 + 1e-4) / (0.2**2 + 0.6**2 + 1e-4), abs=1e-9)
+
+
 def test_compare_real_synthetic(toy_model):
     real = planted(8)
     same = compare_real_synthetic(toy_model, real, real.clone(), class_index=1, method="hirescam")

@@ -78,6 +78,15 @@ def test_knn_precision_recall_identical_sets():
     assert q.knn_precision_recall(x, x.clone(), k=3) == (1.0, 1.0)
 
 
+def test_knn_precision_recall_by_hand():
+    # k=1 radii: real 1 each; fake 9.5 (0.5 to 10), then 1. Only fake 0.5 is within 1 of a real point; every
+    # real point is within 9.5 of fake 0.5. A swap of real and fake would give (1.0, 0.25).
+    real, fake = torch.tensor([[0.0], [1.0], [2.0], [3.0]]), torch.tensor([[0.5], [10.0], [11.0], [12.0]])
+    assert q.knn_precision_recall(real, fake, k=1) == pytest.approx((0.25, 1.0))
+    with pytest.raises(ValueError, match="k=4 need more than 4 samples"):
+        q.knn_precision_recall(real, fake, k=4)
+
+
 def test_knn_precision_recall_one_mode_of_two():
     g = torch.Generator().manual_seed(0)
     left, right = (
