@@ -20,6 +20,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with Path(path).expanduser().open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("SYNAUG_CACHE", Path.home() / ".cache" / "synaug"))
 

@@ -11,7 +11,6 @@ own write goes through a temporary file in `$TMPDIR` and a move, which is a copy
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import shutil
@@ -30,15 +29,6 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def file_sha256(path: str | Path) -> str:
-    """The sha256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with Path(path).expanduser().open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @contextmanager

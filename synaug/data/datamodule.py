@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from synaug.cache import file_sha256
 from synaug.data.images import load_image
 from synaug.data.mixing import TrainingSet, epoch_order, plan
 from synaug.data.sources import DataError, ImageSource, OnBad, decode_all, load_source
@@ -605,7 +606,6 @@ class TableDataset(Dataset):
 
 def _sha256(path: str) -> str:
     try:
-        with open(path, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return file_sha256(path)
     except FileNotFoundError:  # decoding names it (or skips it, with `on_bad_image: skip`)
         return ""

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from synaug.cache import cached_tensors
+from synaug.cache import cached_tensors, file_sha256
 from synaug.data.images import IMAGE_EXTENSIONS, BadImageError, load_image
 from synaug.data.twins import NEAR_BITS, bounded_groups, source_hashes
 
@@ -79,9 +79,7 @@ class ImageSource:
         if self.arrays is not None:
             return [hashlib.sha256(a.tobytes()).hexdigest() for a in self.arrays]
         with ThreadPoolExecutor(8) as pool:
-            return list(
-                pool.map(lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest(), self.items["path"])
-            )
+            return list(pool.map(file_sha256, self.items["path"]))
 
     def load(self, i: int, size: int, channels: int) -> np.ndarray:
         """One image as (channels, size, size) uint8; raises BadImageError naming the file."""

@@ -21,9 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.image.fid import NoTrainInceptionV3
 
+from synaug.cache import file_sha256
 from synaug.classifiers.finetune import ImageClassifier, load_classifier
 from synaug.models.backbones import WeightsUnavailableError, create_backbone, normalization, weights_id
-from synaug.utils import file_sha256, pick_device
+from synaug.utils import pick_device
 
 log = logging.getLogger(__name__)
 

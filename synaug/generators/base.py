@@ -42,10 +42,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from PIL import Image
 from torchvision.utils import make_grid
 
+from synaug.cache import file_sha256 as sha256
 from synaug.data.synthetic import train_set_fingerprint
 from synaug.tracking import git_commit, log_figure
 from synaug.utils import atomic_path
-from synaug.utils import file_sha256 as sha256
 
 log = logging.getLogger(__name__)
 EXPORT_FILE = "generator.json"

@@ -13,7 +13,6 @@ statistics (a grey photograph in ImageNet is R = G = B): the network keeps its R
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import synaug.models.basic_cnn  # noqa: F401  (registers `basic_cnn` with timm)
+from synaug.cache import file_sha256
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -74,7 +74,7 @@ def _packaged_state(name: str) -> dict[str, torch.Tensor]:
 @cache
 def _packaged_id(name: str) -> str:
     w = PACKAGED[name]
-    digest = hashlib.sha256(w.file().read_bytes()).hexdigest()[:16]
+    digest = file_sha256(w.file())[:16]
     return f"{name}:package:{w.package}=={importlib.metadata.version(w.package)}:{digest}"
 
 
@@ -156,7 +156,7 @@ def normalization(net: nn.Module, pretrained: bool, in_chans: int) -> tuple[torc
 def weights_id(name: str, pretrained: bool, checkpoint_path: str | Path | None) -> str:
     """A string that changes whenever the weights change: the key for feature and embedding caches."""
     if checkpoint_path is not None:
-        digest = hashlib.sha256(Path(checkpoint_path).expanduser().read_bytes()).hexdigest()[:16]
+        digest = file_sha256(checkpoint_path)[:16]
         return f"{name}:file:{digest}"
     if pretrained and name in PACKAGED:
         return _packaged_id(name)

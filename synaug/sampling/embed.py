@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from synaug.cache import cached_tensors
+from synaug.cache import cached_tensors, file_sha256
 from synaug.data.sources import ImageSource, OnBad
 from synaug.evaluation.features import ImageFeatures
 from synaug.models.backbones import WeightsUnavailableError, create_backbone, weights_id
-from synaug.utils import file_sha256, pick_device
+from synaug.utils import pick_device
 
 OPEN_CLIP_PREFIX = "open_clip:"
 DECODE_CHUNK = 1024  # images decoded at once: bounds memory at ~150 MB of uint8 for 224 px RGB
