@@ -106,7 +106,7 @@ def run_function(fn: Callable, argv: list[str], prog: str):
     parser = ArgumentParser(prog=prog, description=inspect.getdoc(fn))
     parser.add_argument("-c", "--config", action=ActionConfigFile)
     parser.add_function_arguments(fn, as_positional=True)
-    cfg = parser.instantiate_classes(parser.parse_args(respell(argv, inspect.signature(fn).parameters)))
+    cfg = parser.instantiate(parser.parse_args(respell(argv, inspect.signature(fn).parameters)))
     kwargs = {k: cfg[k] for k in inspect.signature(fn).parameters}
     result = fn(**kwargs)
     if note := results_note(fn, result, kwargs):
