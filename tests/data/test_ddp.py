@@ -135,6 +135,9 @@ def test_synaug_fit_ddp_on_two_cpu_processes(breast_npz, tmp_path):
         [str(SYNAUG), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[
+        -3000:
+    ]  # rank 1 too (its failure may not reach rank 0)
 
     dm = ClassificationData(str(breast_npz), image_size=28, batch_size=64)
     dm.setup()
