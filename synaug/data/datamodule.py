@@ -435,7 +435,7 @@ class ClassificationData(L.LightningDataModule):
         if self.in_memory:
             images = self._device_images()
             return DeviceBatches(images, self._labels_on(images.device), order, h.batch_size, position)
-        sampler = EpochSampler(order, n, position, h.batch_size)
+        sampler = EpochSampler(order, len(range(rank, n, replicas)), position, h.batch_size)
         return self._dataloader(sampler, h.batch_size, policy_transform(h.policy), loader=ResumableLoader)
 
     def _rows(self, split: str) -> np.ndarray:

@@ -39,7 +39,9 @@ def rank_of(dm, replicas, rank, epoch=0, processed=0, use_distributed_sampler=Fa
 def shard(dm, replicas, rank, epoch) -> list[list[int]]:
     loader = rank_of(dm, replicas, rank).train_dataloader()
     loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
-    return [b[2].tolist() for b in loader]
+    batches = [b[2].tolist() for b in loader]
+    assert len(loader) == len(batches)  # what Lightning counts on to end the epoch, validate and save
+    return batches
 
 
 def test_epoch_length_drops_a_last_step_that_leaves_a_rank_fewer_than_two_images():
