@@ -174,3 +174,20 @@ def test_synaug_fit_ddp_on_two_cpu_processes(breast_npz, tmp_path):
         assert single.keys() == logged[key].keys()
         for k, v in single.items():
             assert logged[key][k] == pytest.approx(v, rel=1e-5, nan_ok=True), (key, k)
+
+
+def test_a_resumed_run_is_continued_by_rank_0_only(monkeypatch):
+    # Every DDP rank builds the logger of a resumed fit (`--ckpt_path`): the other ranks must neither reopen the
+    # run under their own process id nor read it (their experiment is Lightning's dummy).
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from synaug.tracking import MLFlowLogger
+
+    first = MLFlowLogger(experiment_name="ddp-resume")
+    run_id = first.run_id
+    first.finalize("success")
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    rank1 = MLFlowLogger(experiment_name="ddp-resume", run_id=run_id)
+    rank1.log_hyperparams({"lr": 0.1})
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and not run.data.params  # not reopened (RUNNING), nothing logged
