@@ -27,6 +27,7 @@ import pandas as pd  # noqa: E402
 from filelock import FileLock  # noqa: E402
 from lightning.fabric.utilities.logger import _convert_params, _flatten_dict  # noqa: E402
 from lightning.pytorch.loggers import MLFlowLogger as _MLFlowLogger  # noqa: E402
+from lightning.pytorch.utilities import rank_zero_only  # noqa: E402
 
 # MLflow is imported where used (4 s): `synaug fit --help` builds its parser, which reads this module's
 # annotations, without it. The name an annotation of a client reads as:
@@ -245,7 +246,8 @@ class MLFlowLogger(_MLFlowLogger):
             # Created here, under the store's lock (Lightning's own get-or-create races with other processes);
             # it also marks runs of dead processes KILLED.
             experiment_id(client, experiment_name, uri)
-        else:  # a resumed fit continues its run (the run id travels in the checkpoint): it runs again, here
+        elif rank_zero_only.rank == 0:  # a resumed fit continues its run (its id travels in the checkpoint)
+            # (under DDP the other ranks neither mark it nor tag it with their own process)
             mark_killed(client, client.get_run(run_id).info.experiment_id)
             client.update_run(run_id, "RUNNING")
             for k, v in owner().items():
@@ -284,6 +286,7 @@ class MLFlowLogger(_MLFlowLogger):
             self._monitor = None
         super().finalize(status)
 
+    @rank_zero_only  # as Lightning's: the other DDP ranks have no run to read
     def log_hyperparams(self, params) -> None:
         if self._continued:  # MLflow params are immutable: a resumed run keeps the values it started with
             logged = self.experiment.get_run(self.run_id).data.params

@@ -84,6 +84,9 @@ class SynAugCLI(LightningCLI):
                 "default_root_dir": "outputs",
                 "logger": {"class_path": "synaug.tracking.MLFlowLogger"},
                 "plugins": [{"class_path": "synaug.utils.AtomicCheckpointIO"}],  # no truncated .ckpt, ever
+                # ClassificationData shards its loaders across DDP ranks itself (Lightning's sampler cannot
+                # reach its in-memory batches, and would pad evaluation with repeated images).
+                "use_distributed_sampler": False,
                 # The layer table (and its "Total FLOPs: 0") only when Lightning's log is verbose (`synaug -v`).
                 "enable_model_summary": logging.getLogger(
                     "lightning.pytorch.utilities.rank_zero"
@@ -160,10 +163,12 @@ class SynAugCLI(LightningCLI):
         if self.config[self.subcommand].test_after_fit:
             best = self.trainer.checkpoint_callback and self.trainer.checkpoint_callback.best_model_path
             self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path="best" if best else None)
-        print(results_note(self.trainer))
+        if self.trainer.is_global_zero:  # under DDP the other ranks have no MLflow run to name
+            print(results_note(self.trainer))
 
     def after_test(self) -> None:
-        print(results_note(self.trainer))
+        if self.trainer.is_global_zero:
+            print(results_note(self.trainer))
 
 
 def run_name(cfg) -> str:

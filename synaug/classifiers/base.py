@@ -9,6 +9,11 @@ import torch
 from synaug.metrics import ClassificationMetrics
 from synaug.tracking import MLFlowLogger, log_figure
 
+# Under DDP each rank evaluates its shard of the split; `compute` gathers the metrics' states from every rank
+# (torchmetrics), so each rank holds the whole split's values. Lightning is told they are synced: the maximum
+# of equal values is exact, where a mean over three ranks could round.
+SYNCED = {"sync_dist": True, "reduce_fx": "max"}
+
 
 class Classifier(L.LightningModule):
     def __init__(self, num_classes: int, class_names: list[str] | None):
@@ -32,11 +37,11 @@ class Classifier(L.LightningModule):
         return self.probs(x, row)
 
     def on_validation_epoch_end(self):
-        self.log_dict(self.val_metrics.compute("val"), prog_bar=False)
+        self.log_dict(self.val_metrics.compute("val"), prog_bar=False, **SYNCED)
         self.val_metrics.reset()
 
     def on_test_epoch_end(self):
-        self.log_dict(self.test_metrics.compute("test"))
+        self.log_dict(self.test_metrics.compute("test"), **SYNCED)
         if isinstance(self.logger, MLFlowLogger):
             fig = self.test_metrics.confusion_figure("test")
             log_figure(self.logger.experiment, self.logger.run_id, fig, "test/confusion_matrix.png")

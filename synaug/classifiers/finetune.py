@@ -69,7 +69,7 @@ class ImageClassifier(Classifier):
     def training_step(self, batch, batch_idx):
         x, y, _ = batch
         loss = F.cross_entropy(self(x), y, label_smoothing=self.hparams.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, sync_dist=True)
         return loss
 
     def probs(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:

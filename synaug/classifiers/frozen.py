@@ -176,7 +176,7 @@ class FeatureClassifier(Classifier):
         loss = F.cross_entropy(self.ffnn(self.features[row]), y)
         # Keras-style kernel L2 (thesis 1): l2 * sum(w^2), not AdamW's decoupled decay.
         penalty = sum((m.weight**2).sum() for m in self.ffnn if isinstance(m, nn.Linear))
-        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True)
+        self.log("train/loss", loss, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
         return loss + self.hparams.l2 * penalty
 
     def probs(self, x: torch.Tensor, row: torch.Tensor) -> torch.Tensor:

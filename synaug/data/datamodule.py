@@ -399,13 +399,32 @@ class ClassificationData(L.LightningDataModule):
             self._labels = torch.tensor(self.table["label"].to_numpy(), device=device)
         return self._labels
 
+    def _replicas(self) -> tuple[int, int]:
+        """(ranks sharing the data, this one's rank): under DDP each rank iterates its own shard. Lightning's
+        DistributedSampler cannot reach the in-memory batches (not a DataLoader), and on the dataloader path it
+        would pad validation/test with repeated images, which the metrics would count twice."""
+        kw = self.trainer.distributed_sampler_kwargs if self.trainer is not None else None
+        if not kw or kw["num_replicas"] == 1:
+            return 1, 0
+        if not self.in_memory and self.trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                "ClassificationData shards its own loaders across ranks: set the Trainer's "
+                "use_distributed_sampler=False (`synaug fit` does), or Lightning shards the shards again"
+            )
+        return kw["num_replicas"], kw["rank"]
+
     def train_dataloader(self):
         h = self.hparams
-        # A last batch of one image is left out (a different one each epoch): batch norm cannot train on it.
-        n = len(self.train_rows) - (len(self.train_rows) % h.batch_size == 1)
+        replicas, rank = self._replicas()
+        n = epoch_length(len(self.train_rows), h.batch_size, replicas)
 
         def order(epoch: int) -> np.ndarray:
-            return epoch_order(self.train_rows, self.variants, h.replace_prob, h.seed, epoch)[:n]
+            # Every rank draws the same permutation (seed, epoch) and takes every `replicas`-th row of it from its
+            # rank on, as DistributedSampler does: one step's batches on all ranks are `replicas * batch_size`
+            # consecutive rows of the permutation, the ranks' shards together the epoch's rows, each once.
+            return epoch_order(self.train_rows, self.variants, h.replace_prob, h.seed, epoch)[:n][
+                rank::replicas
+            ]
 
         def position() -> tuple[int, int]:  # (epoch, batches of it trained): what a checkpoint resumes from
             # current_epoch, not epoch_progress.processed: at on_train_epoch_end the latter already counts it
@@ -417,13 +436,20 @@ class ClassificationData(L.LightningDataModule):
         if self.in_memory:
             images = self._device_images()
             return DeviceBatches(images, self._labels_on(images.device), order, h.batch_size, position)
-        sampler = EpochSampler(order, n, position, h.batch_size)
+        sampler = EpochSampler(order, len(range(rank, n, replicas)), position, h.batch_size)
         return self._dataloader(sampler, h.batch_size, policy_transform(h.policy), loader=ResumableLoader)
 
     def _rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.table["split"].to_numpy() == split)
 
     def _eval(self, rows: np.ndarray):
+        replicas, rank = self._replicas()
+        if len(rows) < replicas:
+            # a rank without a batch would never join the gathering of the metrics' states
+            raise DataError(f"{len(rows)} evaluation image(s) cannot be shared by {replicas} ranks")
+        # Neither padded nor dropped (the batch counts of ranks may differ by one, which evaluation allows): the
+        # metrics gather their states over the ranks, so every image of the split counts once.
+        rows = rows[rank::replicas]
         if self.in_memory:
             images = self._device_images()
             return DeviceBatches(
@@ -458,7 +484,10 @@ class ClassificationData(L.LightningDataModule):
             # Seeded by (seed, epoch, batch), not the global RNG that a checkpoint does not hold: a resumed run
             # augments as an uninterrupted one, and model code drawing random numbers changes no augmentation.
             batch = self.trainer.fit_loop.epoch_loop.batch_progress.current.ready
-            x = self.augment(x, seed=hash((self.hparams.seed, self.trainer.current_epoch, batch)) % 2**63)
+            key = (self.hparams.seed, self.trainer.current_epoch, batch)
+            # under DDP each rank draws its own augmentations (rank 0 those of a single process)
+            key += (rank,) if (rank := self._replicas()[1]) else ()
+            x = self.augment(x, seed=hash(key) % 2**63)
         return x.float().div_(255), y, row
 
     @cached_property
@@ -507,6 +536,15 @@ class ClassificationData(L.LightningDataModule):
                 color="tab:red" if kind == "synthetic" else "black",
             )
         return fig
+
+
+def epoch_length(n: int, batch_size: int, replicas: int = 1) -> int:
+    """How many rows of an epoch's order of `n` are trained on, by all `replicas` ranks together. A step takes
+    `replicas * batch_size` rows, a batch each rank; a last step that would give a rank a batch of one image
+    (batch norm cannot train on it) or none (its DDP peers would wait for it forever) is dropped: fewer than two
+    images a rank, a different few each epoch. Never padded: no image is seen twice in an epoch."""
+    last = n % (replicas * batch_size)
+    return n - last if last < 2 * replicas else n
 
 
 class DeviceBatches:
