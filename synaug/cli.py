@@ -21,6 +21,7 @@ import os
 import pickle
 import re
 import shutil
+import site
 import sys
 import warnings
 from collections.abc import Callable
@@ -162,8 +163,10 @@ SOURCE = Path(__file__).parent  # synaug's own code: its signatures and docstrin
 def help_key(argv: list[str], verbose: bool) -> str:
     """What a command's help text depends on: its words, Lightning's log level (`-v` turns the model summary's
     default on), the terminal's width, the interpreter, the packages installed (the dist-info and .pth entries of
-    every folder on sys.path: names and versions) and synaug's own source files (path, mtime, size)."""
-    folders = [p for p in sys.path if os.path.isdir(p)]
+    the site folders: names and versions) and synaug's own source files (path, mtime, size)."""
+    # The site folders, not all of sys.path: that differs between callers (a test runner's, a script's folder)
+    # where nothing installed differs; synaug's own files are the "source" entry.
+    folders = [p for p in sorted({*site.getsitepackages(), site.getusersitepackages()}) if os.path.isdir(p)]
     key = {
         "argv": argv,
         "verbose": verbose,

@@ -275,7 +275,7 @@ def test_a_command_help_is_built_again_when_synaug_a_package_the_width_or_v_chan
     source.mkdir(), site.mkdir()
     (source / "cli.py").write_text("x = 1\n")
     monkeypatch.setattr(cli, "SOURCE", source)
-    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(cli.site, "getsitepackages", lambda: [str(site)])
     monkeypatch.setenv("COLUMNS", "100")
     keys = [cli.help_key(["fit", "--help"], False)]
     (source / "cli.py").write_text("x = 12\n")
