@@ -141,8 +141,17 @@ class SynAugCLI(LightningCLI):
         if issubclass(model, Classifier) and not any(
             c.class_path.endswith(".ModelCheckpoint") for c in callbacks
         ):
-            checkpoint = Namespace(monitor="val/f1_macro", mode="max", save_last=True)  # last.ckpt: resume
-            cfg.trainer.callbacks = [*callbacks, Namespace(class_path=CHECKPOINT, init_args=checkpoint)]
+            # The best first: `trainer.checkpoint_callback` (what test_after_fit tests) is the first one. The
+            # resume point is a second callback writing last.ckpt every epoch: ModelCheckpoint(save_last=True)
+            # rewrites last.ckpt only in epochs that improve the best, so a kill after epochs that did not
+            # improve would resume from an older epoch and redo them (and log their metrics twice).
+            best = Namespace(monitor="val/f1_macro", mode="max")
+            last = Namespace(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+            cfg.trainer.callbacks = [
+                *callbacks,
+                Namespace(class_path=CHECKPOINT, init_args=best),
+                Namespace(class_path=CHECKPOINT, init_args=last),
+            ]
         logger = cfg.trainer.logger
         if (
             isinstance(logger, Namespace)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import torch
 
 from synaug import cli
 from synaug.cli import COMMANDS, SynAugCLI, main, respell
@@ -288,3 +289,25 @@ def test_a_command_help_is_built_again_when_synaug_a_package_the_width_or_v_chan
     keys.append(cli.help_key(["test", "--help"], True))
     assert len(set(keys)) == len(keys)
     assert cli.help_key(["test", "--help"], True) == keys[-1]
+
+
+def test_last_ckpt_is_the_last_epoch_even_when_the_best_is_older(breast_npz, tmp_path, monkeypatch):
+    # lr 0: the weights never change, so only the first epoch "improves" val/f1_macro
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--model", "synaug.classifiers.ImageClassifier", "--model.backbone", "basic_cnn"]
+    args += ["--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", "0.0"]
+    args += ["--data.root", str(breast_npz), "--data.image_size", "28", "--trainer.max_epochs", "3"]
+    args += [
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--test_after_fit",
+        "false",
+    ]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path / "out")]
+    main(args)
+    (last,) = tmp_path.glob("out/**/checkpoints/last.ckpt")
+    (best,) = [p for p in last.parent.glob("*.ckpt") if p.name != "last.ckpt"]
+    assert torch.load(last, weights_only=True)["epoch"] == 2  # the resume point: after the third epoch
+    assert torch.load(best, weights_only=True)["epoch"] == 0
