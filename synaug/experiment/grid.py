@@ -74,6 +74,7 @@ from synaug.cli import SynAugCLI
 from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
 from synaug.experiment import generators
+from synaug.experiment import workers as grid_workers
 from synaug.experiment.report import report
 from synaug.experiment.runs import collect, complete, find_or_create, log_counts, search
 from synaug.generators.transform import needed, write_transforms
@@ -600,6 +601,9 @@ def experiment(
     min_units: int = stats.MIN_UNITS,
     dry_run: bool = False,
     estimate: dict[str, float] | None = None,
+    storage: str | None = None,
+    heartbeat_interval: int = 60,
+    grace_period: int | None = None,
 ) -> str:
     """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
 
@@ -638,6 +642,10 @@ def experiment(
         estimate: seconds per step for the cost estimate where this experiment has not measured them yet:
             `generator_train_s` (one generator training), `image_s` (one generated image), `classifier_s`
             (one classifier run); measured durations of this experiment's finished runs take precedence.
+        storage: an Optuna RDB URL (`postgresql+psycopg2://...`): this process is one of several workers of the
+            grid, on this machine or others (`synaug.experiment.workers`); the last one writes the report.
+        heartbeat_interval, grace_period: with `storage`, seconds between heartbeats of a worker's running run,
+            and without one before it counts as dead and is retried (default 2 x heartbeat_interval).
     """
     synthetic = synthetic or {}
     controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
@@ -686,6 +694,13 @@ def experiment(
             f"({costs['from']})"
         )
         return ""
+
+    # one of several workers: the first trains the generators and enqueues the runs, the others wait for that
+    pool = (
+        grid_workers.join(storage, name, client, exp_id, heartbeat_interval, grace_period)
+        if storage
+        else None
+    )
 
     def make_parent() -> str:
         key = {"level": "experiment", "experiment": name}
@@ -799,7 +814,7 @@ def experiment(
             previous = pairs.get((cell.name, str(seed)), [])
             if any(complete(r, metric) and r.data.tags.get("config_hash") == key for r in previous):
                 continue
-            for r in previous:
+            for r in previous if pool is None or pool.first else []:  # a later worker's: in flight elsewhere
                 if complete(r, metric):  # another config, data or synthetic folder: kept, never read
                     stale += r.data.tags.get("stale") != "true"
                     client.set_tag(r.info.run_id, "stale", "true")
@@ -825,7 +840,10 @@ def experiment(
     progress.add("classifier runs", len(jobs))
     try:
         with stop_on_signals() as stopped:
-            run_all(jobs, exp_id, workers, keep_checkpoints, progress)
+            if pool is None:
+                run_all(jobs, exp_id, workers, keep_checkpoints, progress)
+            elif not pool.run(jobs, keep_checkpoints, metric):
+                return parent  # another worker writes the report
     except BaseException:
         if not stopped:
             client.set_terminated(parent, "FAILED")
