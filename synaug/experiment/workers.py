@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import warnings
 
@@ -44,6 +45,7 @@ from synaug.experiment.runs import search
 from synaug.tracking import rdb_storage
 
 ENQUEUED = "enqueued"  # the study's user attribute: the job keys, set once every job is enqueued
+SETUP = "setup_heartbeat"  # the first worker's heartbeat until then: a count, so no two machines' clocks meet
 
 
 def job_key(tags: dict[str, str]) -> str:
@@ -77,12 +79,14 @@ class GridStudy:
             grace_period=grace_period,
             heartbeat_stale_trial_callback=self._on_stale,
         )
-        self.poll = heartbeat_interval
+        self.poll, self.grace = heartbeat_interval, grace_period or 2 * heartbeat_interval
         try:  # the database's unique study name makes exactly one process the first
             self.study = optuna.create_study(
                 storage=self.rdb, study_name=self.study_name, direction="maximize"
             )
             self.first = True
+            self._enqueued = threading.Event()
+            threading.Thread(target=self._setup_heartbeat, daemon=True).start()
         except optuna.exceptions.DuplicatedStudyError:
             self.study = optuna.load_study(study_name=self.study_name, storage=self.rdb)
             self.first = False
@@ -92,8 +96,25 @@ class GridStudy:
         if self.first or ENQUEUED in self.study.user_attrs:
             return
         print(f"{self.study_name}: waiting for the first worker to train the generators and enqueue the runs")
-        while ENQUEUED not in self.study.user_attrs:
-            time.sleep(1)
+        beat, seen = None, time.monotonic()
+        while ENQUEUED not in (attrs := self.study.user_attrs):
+            if attrs.get(SETUP) != beat:
+                beat, seen = attrs.get(SETUP), time.monotonic()
+            elif time.monotonic() - seen > self.grace:
+                raise RuntimeError(
+                    f"{self.study_name}: the first worker stopped before it enqueued the runs (no heartbeat for "
+                    f"{self.grace} s; see its output). Delete the study (`optuna delete-study --storage URL "
+                    f"--study-name {self.study_name}`) and start the workers again: the generators it finished "
+                    "are cached."
+                )
+            time.sleep(min(1, self.poll))
+
+    def _setup_heartbeat(self) -> None:
+        # a worker waiting for the runs must tell a first worker that trains generators for hours from a dead one
+        beat = 0
+        while not self._enqueued.wait(0 if beat == 0 else self.poll):
+            beat += 1
+            self.study.set_user_attr(SETUP, beat)
 
     def run(self, jobs: list[tuple[dict, dict[str, str], str]], keep: bool, metric: str) -> bool:
         """Enqueue `jobs` (the first worker), then train trials until none is left or running; returns whether this
@@ -103,6 +124,7 @@ class GridStudy:
                 attrs = {"job": job_key(tags), "run_name": run_name, "config": config, "tags": tags}
                 self.study.enqueue_trial({}, user_attrs=attrs)
             self.study.set_user_attr(ENQUEUED, [job_key(t) for _, t, _ in jobs])
+            self._enqueued.set()
             print(f"{self.study_name}: {len(jobs)} runs enqueued")
         else:
             known = {t.user_attrs.get("job") for t in self.study.get_trials(deepcopy=False)}
