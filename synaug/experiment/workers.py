@@ -16,8 +16,8 @@ storage (the engine that already coordinates `synaug tune` workers), not a queue
   (RetryHeartbeatStaleTrialCallback, at most `max_retry` times). A worker with nothing left to take waits while
   other trials run (it takes over their retries), then the one that claims the study `<name>:grid:report`
   (again a unique name: exactly one) writes the report; the others exit 0 saying so.
-- A SIGTERM/SIGINT puts the worker's job back in the queue before it stops. A run that fails with an error fails
-  its trial and that worker (its traceback); the others go on, and no report is written while a job has no
+- A SIGTERM/SIGINT stops the worker as it stops a grid (exit 143 / 130); its run is retried like a dead worker's.
+  A run that fails with an error fails its trial and that worker (its traceback); the others go on, and no report is written while a job has no
   complete trial: fix the cause, delete both studies (`optuna delete-study --storage URL --study-name ...`) and
   start the workers again: finished runs are skipped by their config hash as in any rerun.
 - The grid is fixed when it is enqueued: a worker whose plan has a run the study does not (another config, data
@@ -180,17 +180,13 @@ class GridStudy:
             "worker": self.worker,
         }
         print(f"{self.study_name}: trial {trial.number}: {attrs['run_name']}", flush=True)
+        # SIGTERM / SIGINT (`stop_on_signals`) end the process with the trial RUNNING, as Lightning's exit does in a
+        # fit: it is retried once its heartbeat is stale, as a dead worker's. Optuna would fail it on a
+        # KeyboardInterrupt (the run lost), and queueing it here as well would run it twice.
         try:
             run_id = run_seed(attrs["config"], self.exp_id, tags, attrs["run_name"], self.keep)
-        except (
-            KeyboardInterrupt
-        ):  # SIGTERM / SIGINT (`stop_on_signals`): the job goes back for another worker
-            trial.study.add_trial(
-                optuna.create_trial(
-                    state=TrialState.WAITING, user_attrs=attrs, system_attrs={"stopped_trial": trial.number}
-                )
-            )
-            raise
+        except KeyboardInterrupt:
+            raise SystemExit(1) from None
         trial.set_user_attr("mlflow_run_id", run_id)
         value = self.client.get_run(run_id).data.metrics[self.metric]
         done = len(self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))) + 1
