@@ -197,11 +197,12 @@ class GridStudy:
         return value
 
     def _on_stale(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        # the dead worker left its MLflow run RUNNING: it will never finish (on another machine no pid tells)
+        # the dead worker left its MLflow run RUNNING (on another machine no pid tells), or FAILED where a signal
+        # stopped its fit: either way it is superseded by the retry, as a rerun supersedes an unfinished run
         for run in search(
             self.client, self.exp_id, {"optuna.study": self.study_name, "optuna.trial": str(trial.number)}
         ):
-            if run.info.status == "RUNNING":
+            if run.info.status in ("RUNNING", "FAILED"):
                 self.client.set_terminated(run.info.run_id, "KILLED")
         self._retry(study, trial)
 
