@@ -695,6 +695,10 @@ def experiment(
         )
         return ""
 
+    if storage and workers > 1:
+        raise ValueError(
+            "with `storage` each worker trains one run at a time: start more workers, not `workers`"
+        )
     # one of several workers: the first trains the generators and enqueues the runs, the others wait for that
     pool = (
         grid_workers.join(storage, name, client, exp_id, heartbeat_interval, grace_period)

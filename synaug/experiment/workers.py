@@ -72,7 +72,7 @@ class GridStudy:
         # user can act on. Its INFO line per trial repeats what `_objective` prints.
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self._retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+        self.max_retry, self._retry = max_retry, RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
         self.rdb = rdb_storage(
             storage,
             heartbeat_interval=heartbeat_interval,
@@ -153,7 +153,7 @@ class GridStudy:
         if missing:
             raise RuntimeError(
                 f"{self.study_name}: {len(missing)} runs have no complete trial (failed with an error, or retried "
-                f"{self._retry._max_retry} times), e.g. {missing[0]!r}: no report. See the failed workers' output."
+                f"{self.max_retry} times), e.g. {missing[0]!r}: no report. See the failed workers' output."
             )
         try:  # the report's own unique study: exactly one worker writes it
             claim = optuna.create_study(storage=self.rdb, study_name=f"{self.study_name}:report")

@@ -56,6 +56,8 @@ def test_a_late_worker_leaves_the_report_to_the_last_one_and_a_changed_grid_is_r
 
     with pytest.raises(ValueError, match="runs the study was not given"):  # a second seed: another grid
         experiment(**args | {"seeds": 2}, storage=storage, heartbeat_interval=1)
+    with pytest.raises(ValueError, match="start more workers"):  # not silently one process at a time
+        experiment(**args, storage=storage, workers=2)
 
 
 def test_a_worker_waits_for_a_live_first_worker_and_not_for_a_dead_one(tmp_path):
