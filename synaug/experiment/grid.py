@@ -29,7 +29,8 @@ metrics under the same `config_hash` (the resolved config, the real data fingerp
 contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
 other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the pair is
 trained again, so a report only ever reads complete, current runs, and only the seeds the config asks for. Two
-processes must not run one experiment at the same time (use `workers` instead).
+processes must not run one experiment at the same time (use `workers`, or `storage` for worker processes on
+one machine or many: `synaug.experiment.workers`).
 
 Inference is per independent unit (`unit` tag: a hash of the seed's real training subset; see `synaug.stats`).
 With `controls`, every synthetic source under test gets, per ratio, a count-matched `duplicate-real` and a
