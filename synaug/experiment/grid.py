@@ -29,7 +29,8 @@ metrics under the same `config_hash` (the resolved config, the real data fingerp
 contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
 other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the pair is
 trained again, so a report only ever reads complete, current runs, and only the seeds the config asks for. Two
-processes must not run one experiment at the same time (use `workers` instead).
+processes must not run one experiment at the same time (use `workers`, or `storage` for worker processes on
+one machine or many: `synaug.experiment.workers`).
 
 Inference is per independent unit (`unit` tag: a hash of the seed's real training subset; see `synaug.stats`).
 With `controls`, every synthetic source under test gets, per ratio, a count-matched `duplicate-real` and a
@@ -74,6 +75,7 @@ from synaug.cli import SynAugCLI
 from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
 from synaug.experiment import generators
+from synaug.experiment import workers as grid_workers
 from synaug.experiment.report import report
 from synaug.experiment.runs import collect, complete, find_or_create, log_counts, search
 from synaug.generators.transform import needed, write_transforms
@@ -600,6 +602,9 @@ def experiment(
     min_units: int = stats.MIN_UNITS,
     dry_run: bool = False,
     estimate: dict[str, float] | None = None,
+    storage: str | None = None,
+    heartbeat_interval: int = 60,
+    grace_period: int | None = None,
 ) -> str:
     """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
 
@@ -638,6 +643,10 @@ def experiment(
         estimate: seconds per step for the cost estimate where this experiment has not measured them yet:
             `generator_train_s` (one generator training), `image_s` (one generated image), `classifier_s`
             (one classifier run); measured durations of this experiment's finished runs take precedence.
+        storage: an Optuna RDB URL (`postgresql+psycopg2://...`): this process is one of several workers of the
+            grid, on this machine or others (`synaug.experiment.workers`); the last one writes the report.
+        heartbeat_interval, grace_period: with `storage`, seconds between heartbeats of a worker's running run,
+            and without one before it counts as dead and is retried (default 2 x heartbeat_interval).
     """
     synthetic = synthetic or {}
     controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
@@ -686,6 +695,17 @@ def experiment(
             f"({costs['from']})"
         )
         return ""
+
+    if storage and workers > 1:
+        raise ValueError(
+            "with `storage` each worker trains one run at a time: start more workers, not `workers`"
+        )
+    # one of several workers: the first trains the generators and enqueues the runs, the others wait for that
+    pool = (
+        grid_workers.join(storage, name, client, exp_id, heartbeat_interval, grace_period)
+        if storage
+        else None
+    )
 
     def make_parent() -> str:
         key = {"level": "experiment", "experiment": name}
@@ -799,7 +819,7 @@ def experiment(
             previous = pairs.get((cell.name, str(seed)), [])
             if any(complete(r, metric) and r.data.tags.get("config_hash") == key for r in previous):
                 continue
-            for r in previous:
+            for r in previous if pool is None or pool.first else []:  # a later worker's: in flight elsewhere
                 if complete(r, metric):  # another config, data or synthetic folder: kept, never read
                     stale += r.data.tags.get("stale") != "true"
                     client.set_tag(r.info.run_id, "stale", "true")
@@ -825,7 +845,10 @@ def experiment(
     progress.add("classifier runs", len(jobs))
     try:
         with stop_on_signals() as stopped:
-            run_all(jobs, exp_id, workers, keep_checkpoints, progress)
+            if pool is None:
+                run_all(jobs, exp_id, workers, keep_checkpoints, progress)
+            elif not pool.run(jobs, keep_checkpoints, metric):
+                return parent  # another worker writes the report
     except BaseException:
         if not stopped:
             client.set_terminated(parent, "FAILED")
