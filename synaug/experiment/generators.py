@@ -28,6 +28,7 @@ import importlib
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,8 +176,11 @@ def plan_steps(
     return list(steps.values()), dm
 
 
-def train(step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: str, parent: str) -> None:
-    """Train the generator of `step` (resuming a killed training from its last checkpoint) on its MLflow run."""
+def train(
+    step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: str, parent: str | None
+) -> None:
+    """Train the generator of `step` (resuming a killed training from its last checkpoint) on its MLflow run, a
+    child of `parent` (None: a top-level run, as `synaug tune` makes them)."""
     from synaug.cli import SynAugCLI
     from synaug.experiment.runs import search
 
@@ -190,7 +194,7 @@ def train(step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: s
             run_name=f"{step.generator} real={step.real} subset {step.subset_seed}",
             tags=tags
             | {"generator": step.generator, "real": step.real, "subset_seed": str(step.subset_seed)}
-            | {"mlflow.parentRunId": parent},
+            | ({"mlflow.parentRunId": parent} if parent else {}),
         ).info.run_id
     if step.trained:
         return
@@ -206,6 +210,40 @@ def train(step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: s
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
     if not step.trained:
         raise RuntimeError(f"{step.generator}: fit ended without an export in {step.export}")
+
+
+def run_step(
+    step: Step,
+    source,
+    dm: ClassificationData,
+    client: MlflowClient,
+    exp_id: str,
+    experiment: str,
+    uri: str,
+    parent: str | None,
+) -> None:
+    """One step, start to end, as `synaug tune` runs it: train the generator unless its export is there, make
+    the images still missing, check their quality and gate it, filter them if `source.filter`; then
+    `source.made` names the folder the classifiers read. (`synaug experiment` runs the same functions in its
+    own loop, which also reports its progress.)"""
+    trained, started = step.trained, time.monotonic()
+    train(step, client, exp_id, experiment, uri, parent)  # a trained step: finds its run, trains nothing
+    if not trained:
+        client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+    missing = step.generated()
+    if missing:
+        started = time.monotonic()
+        generate_images(step, source.sampler)
+        client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+    check_quality(step, dm, source.quality, source.gate)
+    log_quality(step, client)
+    client.set_terminated(step.run_id, "FINISHED")
+    source.made[(step.real, step.subset_seed)] = str(step.images)
+    if source.filter is not None:
+        kept = filter_images(step, dm, source.filter, source.quality)
+        for c, share in kept.items():
+            client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
+        source.made[(step.real, step.subset_seed)] = str(step.folder / f"filtered-{source.filter:g}")
 
 
 def generate_images(step: Step, sampler: dict | None) -> None:
