@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from filelock import FileLock
 from mlflow import MlflowClient
 
 from synaug.data import ClassificationData
@@ -225,16 +226,19 @@ def run_step(
     """One step, start to end, as `synaug tune` runs it: train the generator unless its export is there, make
     the images still missing, check their quality and gate it, filter them if `source.filter`; then
     `source.made` names the folder the classifiers read. (`synaug experiment` runs the same functions in its
-    own loop, which also reports its progress.)"""
-    trained, started = step.trained, time.monotonic()
-    train(step, client, exp_id, experiment, uri, parent)  # a trained step: finds its run, trains nothing
-    if not trained:
-        client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
-    missing = step.generated()
-    if missing:
-        started = time.monotonic()
-        generate_images(step, source.sampler)
-        client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+    own loop, which also reports its progress.) Processes sharing `outputs/` (tuning workers starting together)
+    take turns on a step: the first trains and samples it, the others find it done."""
+    step.folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(step.folder.parent / f"{step.folder.name}.lock"):
+        trained, started = step.trained, time.monotonic()
+        train(step, client, exp_id, experiment, uri, parent)  # a trained step: finds its run, trains nothing
+        if not trained:
+            client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+        missing = step.generated()
+        if missing:
+            started = time.monotonic()
+            generate_images(step, source.sampler)
+            client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
     check_quality(step, dm, source.quality, source.gate)
     log_quality(step, client)
     client.set_terminated(step.run_id, "FINISHED")
@@ -264,10 +268,16 @@ def _by_class(dm: ClassificationData, rows: np.ndarray, size: int, channels: int
 def check_quality(step: Step, dm: ClassificationData, options: dict | None, gate: dict | None) -> None:
     """Per-class quality of the step's images against the subset's training images (and validation as a
     held-out reference), memorization and leakage (`synaug.evaluation.quality`); then the gate. Cached in
-    `quality.json` beside the images."""
+    `quality.json` beside the images, for as long as they are the images it measured: a source that needs more
+    images of the same generator (a larger ratio, another class; a tune's pool) adds some, and is measured again."""
+    table = None
     if step.quality_file.is_file():  # the table is cached; the gate is applied afresh (it may have changed)
         table = pd.DataFrame(json.loads(step.quality_file.read_text())).set_index("class")
-    else:
+        have = read_synthetic(step.images, dm.class_names).items["class"].value_counts()
+        measured = table["n_synthetic"].to_dict()
+        # the classes this step uses, each measured on the images its folder holds now
+        table = None if any(measured.get(c) != have.get(c, 0) for c in step.counts) else table.loc[list(step.counts)]
+    if table is None:
         table = measure_quality(step, dm, options)
         step.quality_file.write_text(json.dumps(table.reset_index().to_dict("list"), default=float))
     reasons = [
