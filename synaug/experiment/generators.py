@@ -19,6 +19,11 @@ it are redone; their classifier runs see new synthetic folders, hence a new `con
 Each training is an MLflow run (tags level=generator, experiment, generator, real, subset_seed, step_hash), child
 of the experiment's parent run; the quality metrics are logged to it, and the cells that use it are tagged on it
 (`cells`) while each seed run names it (`generator_run`).
+
+`synaug tune` runs the same steps (`plan_steps`, then `run_step` each) before its first trial, with the largest
+ratio of its search space; its generator runs are top-level runs of the study's experiment (tag optuna.study). The
+cache folder's first part is `generator_cache` (default: the experiment's or the study's name), so a grid and a
+tune naming one cache and one source share their trained generators.
 """
 
 from __future__ import annotations
