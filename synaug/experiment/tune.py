@@ -422,7 +422,7 @@ def tune(
         metric=test_metric,
         minority_metric=None if test_metric in stats.TABLE_COLUMNS.values() else test_metric,
         tracking=tracking,
-        generator_cache=generator_cache or name,  # the generators trained above: none trained again
+        generator_cache=generator_cache or name,  # the subsets trained above are reused, not trained again
     )
     client.set_tag(parent, "optuna.study", name)
     client.set_tag(parent, "optuna.best_trial", str(best.number))
