@@ -2,6 +2,7 @@
 before the trials, on the seed's real subset only, reused from the cache by the final test and by another study,
 the trials reading validation metrics only and the test set read only by the final test."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -120,3 +121,11 @@ def test_a_tune_trains_its_generator_once_and_the_next_study_reuses_it(breast_np
     again = client.get_experiment_by_name("again").experiment_id
     (reused,) = search(client, again, {"level": "generator"})
     assert reused.data.tags["step_hash"] == folder.name
+
+    # a gate that excludes the (cached) generator stops the next study before anything trains
+    gated = args | {"synthetic": replace(source, gate={"max_fid": -1.0})}
+    with pytest.raises(ValueError, match="the gate excluded diffusion at real=0.05, subset 0"):
+        tune("gated", **gated, n_trials=1, evaluate_seeds=0, generator_cache="pool")
+    assert len(trainings) == 1
+    gated_exp = client.get_experiment_by_name("gated").experiment_id
+    assert search(client, gated_exp, {"level": "reference"}) == []
