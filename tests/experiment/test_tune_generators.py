@@ -129,3 +129,15 @@ def test_a_tune_trains_its_generator_once_and_the_next_study_reuses_it(breast_np
     assert len(trainings) == 1
     gated_exp = client.get_experiment_by_name("gated").experiment_id
     assert search(client, gated_exp, {"level": "reference"}) == []
+
+
+def test_the_shipped_config_parses_into_a_learned_source():
+    import yaml
+    from jsonargparse import ArgumentParser
+
+    config = ROOT / "experiments/tune_breastmnist/diffusion.yaml"
+    parser = ArgumentParser()
+    parser.add_function_arguments(tune, as_positional=True)
+    args = parser.instantiate_classes(parser.parse_object(yaml.safe_load(config.read_text())))
+    assert isinstance(args.synthetic, Synthetic) and (ROOT / args.synthetic.train).is_file()
+    assert args.generator == "diffusion" and args.synthetic.sampler == {"scheduler": "ddim", "steps": 10}
