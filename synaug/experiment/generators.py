@@ -19,6 +19,11 @@ it are redone; their classifier runs see new synthetic folders, hence a new `con
 Each training is an MLflow run (tags level=generator, experiment, generator, real, subset_seed, step_hash), child
 of the experiment's parent run; the quality metrics are logged to it, and the cells that use it are tagged on it
 (`cells`) while each seed run names it (`generator_run`).
+
+`synaug tune` runs the same steps (`plan_steps`, then `run_step` each) before its first trial, with the largest
+ratio of its search space; its generator runs are top-level runs of the study's experiment (tag optuna.study). The
+cache folder's first part is `generator_cache` (default: the experiment's or the study's name), so a grid and a
+tune naming one cache and one source share their trained generators.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import importlib
 import json
 import math
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from filelock import FileLock
 from mlflow import MlflowClient
 
 from synaug.data import ClassificationData
@@ -175,8 +182,11 @@ def plan_steps(
     return list(steps.values()), dm
 
 
-def train(step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: str, parent: str) -> None:
-    """Train the generator of `step` (resuming a killed training from its last checkpoint) on its MLflow run."""
+def train(
+    step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: str, parent: str | None
+) -> None:
+    """Train the generator of `step` (resuming a killed training from its last checkpoint) on its MLflow run, a
+    child of `parent` (None: a top-level run, as `synaug tune` makes them)."""
     from synaug.cli import SynAugCLI
     from synaug.experiment.runs import search
 
@@ -190,7 +200,7 @@ def train(step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: s
             run_name=f"{step.generator} real={step.real} subset {step.subset_seed}",
             tags=tags
             | {"generator": step.generator, "real": step.real, "subset_seed": str(step.subset_seed)}
-            | {"mlflow.parentRunId": parent},
+            | ({"mlflow.parentRunId": parent} if parent else {}),
         ).info.run_id
     if step.trained:
         return
@@ -206,6 +216,43 @@ def train(step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: s
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(last) if last.is_file() else None)
     if not step.trained:
         raise RuntimeError(f"{step.generator}: fit ended without an export in {step.export}")
+
+
+def run_step(
+    step: Step,
+    source,
+    dm: ClassificationData,
+    client: MlflowClient,
+    exp_id: str,
+    experiment: str,
+    uri: str,
+    parent: str | None,
+) -> None:
+    """One step, start to end, as `synaug tune` runs it: train the generator unless its export is there, make
+    the images still missing, check their quality and gate it, filter them if `source.filter`; then
+    `source.made` names the folder the classifiers read. (`synaug experiment` runs the same functions in its
+    own loop, which also reports its progress.) Processes sharing `outputs/` (tuning workers starting together)
+    take turns on a step: the first trains and samples it, the others find it done."""
+    step.folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(step.folder.parent / f"{step.folder.name}.lock"):
+        trained, started = step.trained, time.monotonic()
+        train(step, client, exp_id, experiment, uri, parent)  # a trained step: finds its run, trains nothing
+        if not trained:
+            client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+        missing = step.generated()
+        if missing:
+            started = time.monotonic()
+            generate_images(step, source.sampler)
+            client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+    check_quality(step, dm, source.quality, source.gate)
+    log_quality(step, client)
+    client.set_terminated(step.run_id, "FINISHED")
+    source.made[(step.real, step.subset_seed)] = str(step.images)
+    if source.filter is not None:
+        kept = filter_images(step, dm, source.filter, source.quality)
+        for c, share in kept.items():
+            client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
+        source.made[(step.real, step.subset_seed)] = str(step.folder / f"filtered-{source.filter:g}")
 
 
 def generate_images(step: Step, sampler: dict | None) -> None:
@@ -226,10 +273,16 @@ def _by_class(dm: ClassificationData, rows: np.ndarray, size: int, channels: int
 def check_quality(step: Step, dm: ClassificationData, options: dict | None, gate: dict | None) -> None:
     """Per-class quality of the step's images against the subset's training images (and validation as a
     held-out reference), memorization and leakage (`synaug.evaluation.quality`); then the gate. Cached in
-    `quality.json` beside the images."""
+    `quality.json` beside the images, for as long as they are the images it measured: a source that needs more
+    images of the same generator (a larger ratio, another class; a tune's pool) adds some, and is measured again."""
+    table = None
     if step.quality_file.is_file():  # the table is cached; the gate is applied afresh (it may have changed)
         table = pd.DataFrame(json.loads(step.quality_file.read_text())).set_index("class")
-    else:
+        have = read_synthetic(step.images, dm.class_names).items["class"].value_counts()
+        measured = table["n_synthetic"].to_dict()
+        # the classes this step uses, each measured on the images its folder holds now
+        table = None if any(measured.get(c) != have.get(c, 0) for c in step.counts) else table.loc[list(step.counts)]
+    if table is None:
         table = measure_quality(step, dm, options)
         step.quality_file.write_text(json.dumps(table.reset_index().to_dict("list"), default=float))
     reasons = [

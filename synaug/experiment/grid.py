@@ -598,6 +598,7 @@ def experiment(
     out: str | None = None,
     tracking: str | None = None,
     controls: bool = True,
+    generator_cache: str | None = None,
     margin: float = stats.MARGIN,
     min_units: int = stats.MIN_UNITS,
     dry_run: bool = False,
@@ -636,6 +637,8 @@ def experiment(
         controls: compare every synthetic source under test, paired by unit, with its count-matched controls
             (`CONTROLS`: duplicated real images, and conventional transforms that keep a medical image's
             meaning), made per real subset under `outputs/synthetic/<name>/controls`.
+        generator_cache: the learned generators are cached under `outputs/generators/<generator_cache>/`
+            (default: `name`); another experiment's or a `synaug tune` study's name reuses its trained ones.
         margin: the practical-equivalence margin of the verdicts, in units of the metric (0.01: one point).
         min_units: no CI or p-value from fewer effective replicates (independent units with distinct results).
         dry_run: print the plan (generator trainings, generations, classifier runs still to do) and its
@@ -662,7 +665,7 @@ def experiment(
     subsets = sorted({subset_of(s) for s in range(seeds)})
     steps, generator_dm = [], None
     if any(s.train is not None for s in synthetic.values()):
-        steps, generator_dm = generators.plan_steps(cells, base, name, subsets, merge)
+        steps, generator_dm = generators.plan_steps(cells, base, generator_cache or name, subsets, merge)
         for source in synthetic.values():
             generators.check_gate(source.gate)
     pending_train = [s for s in steps if not s.trained]

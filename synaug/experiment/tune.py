@@ -24,6 +24,12 @@ classes and the conventional policy), maximising a validation metric averaged ov
   (MLflow run tagged level=reference; its value is the study's user attribute `reference`), so a tuned ratio is
   always read against no synthetic data. A trial proposing a configuration already evaluated (on a grid, the
   sampler repeats itself) reuses its value (user attribute `reused_from`) rather than training it again.
+- Learned generators: a source with `train:` (as an entry of `synaug experiment`'s `synthetic:`) is trained,
+  sampled and quality-checked before the reference, once per (real setting, real subset) the seeds use, on that
+  subset's training images only, with as many images per class as the largest ratio of `ratio` needs; every
+  trial draws its ratio from that pool. It is the grid's generator stage (`synaug.experiment.generators`), with
+  its cache (`outputs/generators/<generator_cache>/<generator>/real<real>-subset<s>/<hash>/`) and its MLflow
+  runs (level=generator, here top-level runs tagged optuna.study; each seed run names its `generator_run`).
 - Then the best configuration is trained over `evaluate_seeds` seeds and tested once against its baseline
   without synthetic images, through `synaug experiment` (MLflow experiment `<name>-test`). With several
   processes, give them `--evaluate_seeds 0` and evaluate once the study is done: the same command again runs
@@ -38,6 +44,7 @@ import shutil
 import socket
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import lightning.pytorch as L
@@ -52,6 +59,7 @@ from optuna.trial import FrozenTrial, TrialState
 from synaug import stats
 from synaug.cli import SynAugCLI
 from synaug.data.transforms import Policy
+from synaug.experiment import generators
 from synaug.experiment.grid import Cell, Synthetic, check_base, experiment, merge, prepare, run_config
 from synaug.experiment.runs import log_counts, search
 from synaug.tracking import STORE, experiment_id, git_commit, rdb_storage, tracking_uri
@@ -122,7 +130,7 @@ def default_storage() -> str:
 def tune(
     name: str,
     base: dict,
-    synthetic: list[str],
+    synthetic: list[str] | Synthetic,
     ratio: dict[str, tuple[float, float]],
     ratio_step: float | None = None,
     transform: Policy | None = None,
@@ -144,13 +152,18 @@ def tune(
     evaluate_seeds: int = 20,
     fit: str = "synaug.experiment.tune:fit_seed",
     tracking: str | None = None,
+    generator: str = "tuned",
+    generator_cache: str | None = None,
 ) -> FrozenTrial:
     """Tune the synthetic ratio per class on validation data; returns the best trial.
 
     Args:
         name: the study (Optuna) and the MLflow experiment of its trials.
         base: a LightningCLI config with `model:`, `data:`, `trainer:` (with `max_epochs`).
-        synthetic: the synthetic folders (`{subset_seed}` and `{real}` templated as in `synaug experiment`).
+        synthetic: the synthetic folders (`{subset_seed}` and `{real}` templated as in `synaug experiment`), or
+            a source as `synaug experiment` takes one: `train:` a generator's fit config (with `overrides`,
+            `sampler`, `quality`, `gate`, `filter`, `oversample`), trained and sampled once per real setting
+            and subset before the first trial; the study chooses the ratios, so the source sets none.
         ratio: class -> (low, high): the search range of its synthetic ratio (`data.synthetic_ratio`).
         ratio_step: a grid step for the ratios (default: continuous).
         transform: make missing synthetic folders with the `transform` generator under this policy, from each
@@ -175,7 +188,17 @@ def tune(
         fit: `module:function` that trains one seed, `(config, metric, report) -> value` (default
             `fit_seed`); a stand-in makes the storage machinery testable in seconds.
         tracking: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
+        generator: the source's name: its runs' `generator` tag, its cells' names, its cache folder.
+        generator_cache: a `train:` source's trainings are cached under `outputs/generators/<generator_cache>/`
+            (default: `name`). A grid's experiment name (and its source's name as `generator`) reuses the
+            generators that grid trained on the same subsets, and the other way round.
     """
+    if isinstance(synthetic, Synthetic):
+        if transform is not None:
+            raise ValueError("synthetic is a source: give its `transform` inside it, not beside it")
+        source = synthetic
+    else:
+        source = Synthetic(folders=synthetic, transform=transform)
     grid_keys = ("policy",) * bool(policies) + ("real_fraction", "real_count") * bool(real_fractions)
     check_base(base, "base", grid_keys)
     for classes in augment_classes or []:
@@ -200,15 +223,29 @@ def tune(
     SynAugCLI(args=run_config(config, {}, 0, name, uri), run=False)  # a typo fails now, not in trial 1
     # every real data setting at the largest ratios: leakage or too few synthetic images fail before trial 0
     largest = {c: hi for c, (_, hi) in ratio.items()}
-    source = Synthetic(folders=synthetic, ratios=[largest], transform=transform)
+    source = replace(source, ratios=[largest])  # `made` stays shared: the trials read the folders made here
     reals = (
         [(f, None) for f in real_fractions]
         if real_fractions
         else [(data.get("real_fraction", 1.0), data.get("real_count"))]
     )
-    prepare(
-        [Cell(clf, "none", f, n, "tuned", largest, source) for f, n in reals], {clf: config}, seeds, subset_of
-    )
+    pool = [Cell(clf, "none", f, n, generator, largest, source) for f, n in reals]
+    generator_runs = {}  # (real, subset seed) -> the generator's MLflow run
+    if source.train is not None:
+        generators.check_gate(source.gate)
+        subsets = sorted({subset_of(s) for s in range(seeds)})
+        steps, dm = generators.plan_steps(pool, config, generator_cache or name, subsets, merge)
+        for step in steps:
+            print(f"{generator} real={step.real} subset {step.subset_seed}: {step.folder}")
+            generators.run_step(step, source, dm, client, exp_id, name, uri, parent=None)
+            client.set_tag(step.run_id, "optuna.study", name)
+            if step.excluded:
+                raise ValueError(
+                    f"the gate excluded {generator} at real={step.real}, subset {step.subset_seed} "
+                    f"({step.excluded}): there is no synthetic pool to tune; see its run {step.run_id}"
+                )
+            generator_runs[(step.real, step.subset_seed)] = step.run_id
+    prepare(pool, {clf: config}, seeds, subset_of)
     worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def cell(params: dict) -> Cell:
@@ -223,9 +260,9 @@ def tune(
             params.get("policy", data.get("policy", "none")),
             params.get("real_fraction", data.get("real_fraction", 1.0)),
             data.get("real_count") if not real_fractions else None,
-            "tuned",
+            generator,
             ratios,
-            Synthetic(folders=synthetic, ratios=[ratios], transform=transform),
+            replace(source, ratios=[ratios]),
         )
 
     def objective(trial: optuna.Trial) -> float:
@@ -273,6 +310,8 @@ def tune(
                     "subset_seed": str(subset_of(seed)),
                     "mlflow.parentRunId": run_id,
                 }
+                if trial_cell.source is not None and (trial_cell.real, subset_of(seed)) in generator_runs:
+                    seed_tags["generator_run"] = generator_runs[(trial_cell.real, subset_of(seed))]
                 seed_run = client.create_run(exp_id, run_name=f"trial {number} seed {seed}", tags=seed_tags)
                 runs.append(seed_run.info.run_id)
                 seed_config = merge(
@@ -377,12 +416,13 @@ def tune(
         classifiers={clf: {}},
         policies=[tuned.policy] if policies else None,
         real_fractions=[tuned.real_fraction] if real_fractions else None,
-        synthetic={"tuned": tuned.source},
+        synthetic={generator: tuned.source},
         seeds=evaluate_seeds,
         subset_seeds=subset_seeds,
         metric=test_metric,
         minority_metric=None if test_metric in stats.TABLE_COLUMNS.values() else test_metric,
         tracking=tracking,
+        generator_cache=generator_cache or name,  # the subsets trained above are reused, not trained again
     )
     client.set_tag(parent, "optuna.study", name)
     client.set_tag(parent, "optuna.best_trial", str(best.number))

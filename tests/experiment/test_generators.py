@@ -162,3 +162,36 @@ def test_a_killed_training_resumes_from_its_last_checkpoint(breast_npz, tmp_path
     train(step, client, exp_id, "learned", uri, parent)
     assert read_info(step.export)["global_step"] == 8  # went on from step 4 to 8, the same MLflow run
     assert len(search(client, exp_id, {"level": "generator"})) == 1
+
+
+def test_the_quality_check_is_redone_when_the_folder_gained_images(breast_npz, tmp_path, monkeypatch):
+    # a generator shared by two sources (a grid at ratio 1, a tune whose largest ratio is 2) gets more images for
+    # the second: its cached quality table measured fewer, so it is measured again
+    import pandas as pd
+
+    from synaug.experiment import generators
+    from synaug.generators.transform import write_transforms
+
+    measured = []
+
+    def measure(step, dm, options):  # the check's bookkeeping is under test, not its features
+        n = read_synthetic(step.images, dm.class_names).items["class"].value_counts()[list(step.counts)]
+        measured.append(dict(n))
+        return pd.DataFrame({"n_synthetic": n, "fid": 1.0}).rename_axis("class")
+
+    monkeypatch.setattr(generators, "measure_quality", measure)
+    settings = {"real_fraction": 0.05, "real_count": None, "subset_seed": 0}
+    dm = ClassificationData(root=str(breast_npz), image_size=28)
+    _, ts = dm.training_set(**settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
+    step = generators.Step("copies", "0.05", 0, settings, {}, {"malignant": 4}, tmp_path)
+    write_transforms(dm.source, ts.real, step.images, step.counts, "none", 28, 1)
+    generators.check_quality(step, dm, None, None)
+    generators.check_quality(step, dm, None, {"max_fid": 2.0})  # cached
+    assert measured == [{"malignant": 4}] and not step.excluded
+    step.counts = {"malignant": 8, "normal_benign": 4}
+    write_transforms(dm.source, ts.real, step.images, step.counts, "none", 28, 1)  # adds the missing ones
+    generators.check_quality(step, dm, None, None)
+    assert measured[1:] == [{"malignant": 8, "normal_benign": 4}]
+    step.counts = {"malignant": 8}  # a source that uses fewer classes reads the cached rows it needs
+    generators.check_quality(step, dm, None, None)
+    assert len(measured) == 2 and list(step.quality.index) == ["malignant"]
