@@ -233,7 +233,10 @@ def dispatch(argv: list[str], verbose: bool = True) -> None:
             if not verbose:
                 quiet()
             module, fn = target.split(":")
-            run_function(getattr(importlib.import_module(module), fn), argv[len(words) :], f"synaug {name}")
+            fn, args = getattr(importlib.import_module(module), fn), argv[len(words) :]
+            if verbose and "verbose" in inspect.signature(fn).parameters:  # a grid's runs print to the console
+                args.append("--verbose=true")
+            run_function(fn, args, f"synaug {name}")
             return
     if not argv[0].startswith("-") and argv[0] not in TRAINING:
         if group := [name for name in COMMANDS if name.split()[0] == argv[0]]:
