@@ -37,7 +37,7 @@ def log_file(logs: Path | None, run: str) -> Path | None:
 @contextmanager
 def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
     """While the block runs, everything this process writes goes to `path` (None: nothing changes): Python's
-    stdout and stderr, the logging handlers that write to them (Lightning's keeps the stream it found at import),
+    stdout and stderr, the logging handlers that write to a console (Lightning's keeps the stream it found at import),
     and file descriptors 1 and 2 (C++ warnings, child processes). The libraries' INFO notices, which the console
     leaves out, are written there too: the log is what `-v` would have shown. An exception's traceback is written
     there before it propagates. `mode` "a" appends: a generator step resumed or found done keeps its training's
@@ -46,13 +46,13 @@ def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    consoles = {id(s) for s in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)}
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    # plain StreamHandlers write to a console (a FileHandler is a subclass: left alone)
     handlers = [
         h
         for lg in loggers
         for h in getattr(lg, "handlers", [])  # loggerDict also holds placeholders, without handlers
-        if type(h) is logging.StreamHandler and id(h.stream) in consoles
+        if type(h) is logging.StreamHandler
     ]
     levels = {name: logging.getLogger(name).level for name in CHATTY}
     previous = sys.stdout, sys.stderr
@@ -138,7 +138,8 @@ class Progress:
             done = sum(self.count.values())
             eta = elapsed / done * sum(left.values()) if done else math.nan
         counts = ", ".join(f"{k} {self.count[k]}/{self.total[k]}" for k in self.total if self.total[k])
-        text = f"{counts or 'nothing to do'}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min"
+        eta = "?" if math.isnan(eta) else f"{eta / 60:.1f} min"  # nothing measured, nothing done yet
+        text = f"{counts or 'nothing to do'}; elapsed {elapsed / 60:.1f} min, ETA {eta}"
         return text + (f"; last: {self.last}" if self.last else "")
 
     def _draw(self) -> None:
