@@ -46,27 +46,20 @@ def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
         yield
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
-    # plain StreamHandlers write to a console (a FileHandler is a subclass: left alone)
-    handlers = [
-        h
-        for lg in loggers
-        for h in getattr(lg, "handlers", [])  # loggerDict also holds placeholders, without handlers
-        if type(h) is logging.StreamHandler
-    ]
     levels = {name: logging.getLogger(name).level for name in CHATTY}
     previous = sys.stdout, sys.stderr
     for stream in previous:
         stream.flush()  # what the console was given before the block stays on the console
-    saved = os.dup(1), os.dup(2)
+    saved, streams = (os.dup(1), os.dup(2)), {}
     with open(path, mode, buffering=1, encoding="utf-8", errors="replace") as f:
-        os.dup2(f.fileno(), 1)
-        os.dup2(f.fileno(), 2)
-        sys.stdout = sys.stderr = f
-        streams = [h.setStream(f) for h in handlers]
-        for name in CHATTY:
-            logging.getLogger(name).setLevel(logging.INFO)
         try:
+            os.dup2(f.fileno(), 1)
+            os.dup2(f.fileno(), 2)
+            sys.stdout = sys.stderr = f
+            for h in _stream_handlers():
+                streams[h] = h.setStream(f)
+            for name in CHATTY:
+                logging.getLogger(name).setLevel(logging.INFO)
             yield
         except BaseException:
             traceback.print_exc(file=f)
@@ -74,13 +67,21 @@ def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
         finally:
             f.flush()
             sys.stdout, sys.stderr = previous
-            for h, stream in zip(handlers, streams, strict=True):
-                h.setStream(stream)
+            for h in _stream_handlers():  # also those made in the block (a library's first import): to stderr
+                if h.stream is f:
+                    h.setStream(streams.get(h) or previous[1])
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
             for fd, copy in zip((1, 2), saved, strict=True):
                 os.dup2(copy, fd)
                 os.close(copy)
+
+
+def _stream_handlers() -> list[logging.StreamHandler]:
+    """The logging handlers that write to a console: plain StreamHandlers (a FileHandler is a subclass)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    # loggerDict also holds placeholders, without handlers
+    return [h for lg in loggers for h in getattr(lg, "handlers", []) if type(h) is logging.StreamHandler]
 
 
 def console():

@@ -1,6 +1,8 @@
 """`synaug experiment`'s console: by default one progress display and each run's output in its own log file
 (also on its MLflow run); `-v` brings the runs' output back; a failed run shows the end of its log."""
 
+import logging
+import os
 from pathlib import Path
 
 import lightning.pytorch as L
@@ -11,6 +13,7 @@ from matplotlib.figure import Figure
 
 from synaug.cli import main
 from synaug.data import ClassificationData
+from synaug.experiment.console import to_log
 from synaug.experiment.runs import search
 
 CNN = {
@@ -105,3 +108,21 @@ def test_a_failed_run_shows_the_end_of_its_log_and_its_path(breast_npz, tmp_path
     assert f"cnn/none/real=1/none seed 0 failed; the end of its log ({log}):" in err
     assert "  fitting, then failing" in err and "  RuntimeError: boom" in err
     assert "Traceback" in log.read_text()
+
+
+def test_a_log_block_takes_every_stream_and_gives_them_back(tmp_path, capfd):
+    logger = logging.getLogger("synaug.tests.late")
+    logger.propagate = False
+    with to_log(tmp_path / "run.log"):
+        print("printed")
+        os.write(2, b"written to descriptor 2\n")  # as C++ code or a DataLoader worker does
+        logger.addHandler(handler := logging.StreamHandler())  # as a library's first import makes one
+        logger.warning("logged")
+    # the first version left that handler on the closed log: the next block failed to flush it
+    logger.warning("logged after")
+    with to_log(tmp_path / "next.log"):
+        logger.warning("logged in the next block")
+    logger.removeHandler(handler)
+    assert (tmp_path / "run.log").read_text() == "printed\nwritten to descriptor 2\nlogged\n"
+    assert (tmp_path / "next.log").read_text() == "logged in the next block\n"
+    assert capfd.readouterr().err == "logged after\n"
