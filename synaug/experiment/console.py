@@ -56,8 +56,8 @@ def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
             os.dup2(f.fileno(), 1)
             os.dup2(f.fileno(), 2)
             sys.stdout = sys.stderr = f
-            for h in _stream_handlers():
-                streams[h] = h.setStream(f)
+            for h in _stream_handlers():  # not setStream: it flushes the old stream, which may be closed
+                streams[h], h.stream = h.stream, f
             for name in CHATTY:
                 logging.getLogger(name).setLevel(logging.INFO)
             yield
@@ -69,7 +69,7 @@ def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
             sys.stdout, sys.stderr = previous
             for h in _stream_handlers():  # also those made in the block (a library's first import): to stderr
                 if h.stream is f:
-                    h.setStream(streams.get(h) or previous[1])
+                    h.stream = streams.get(h, previous[1])
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
             for fd, copy in zip((1, 2), saved, strict=True):

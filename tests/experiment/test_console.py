@@ -1,6 +1,7 @@
 """`synaug experiment`'s console: by default one progress display and each run's output in its own log file
 (also on its MLflow run); `-v` brings the runs' output back; a failed run shows the end of its log."""
 
+import io
 import logging
 import os
 from pathlib import Path
@@ -113,16 +114,21 @@ def test_a_failed_run_shows_the_end_of_its_log_and_its_path(breast_npz, tmp_path
 def test_a_log_block_takes_every_stream_and_gives_them_back(tmp_path, capfd):
     logger = logging.getLogger("synaug.tests.late")
     logger.propagate = False
+    stale = logging.getLogger("synaug.tests.stale")
+    # as pytest's capture of an earlier test
+    stale.addHandler(gone := logging.StreamHandler(io.TextIOWrapper(io.BytesIO())))
+    gone.stream.close()
     with to_log(tmp_path / "run.log"):
         print("printed")
         os.write(2, b"written to descriptor 2\n")  # as C++ code or a DataLoader worker does
         logger.addHandler(handler := logging.StreamHandler())  # as a library's first import makes one
         logger.warning("logged")
-    # the first version left that handler on the closed log: the next block failed to flush it
+    # the first version left that handler on the closed log, and flushed the stale one: the next block failed
     logger.warning("logged after")
     with to_log(tmp_path / "next.log"):
         logger.warning("logged in the next block")
     logger.removeHandler(handler)
+    stale.removeHandler(gone)
     assert (tmp_path / "run.log").read_text() == "printed\nwritten to descriptor 2\nlogged\n"
     assert (tmp_path / "next.log").read_text() == "logged in the next block\n"
     assert capfd.readouterr().err == "logged after\n"
