@@ -3,8 +3,9 @@
     synaug experiment -c experiments/thesis2_brain/config.yaml
 
 (Over 400 lines: the cells, their planning and `experiment`, which orchestrates the generator stage, the
-classifier runs and the report. The next split is the planning and cost estimate (`Progress`,
-`measured_costs`, `finished_run`) and the generator stage's loop into their own module.)
+classifier runs and the report. The progress display and the runs' logs are in `console`; the next split is the
+planning and cost estimate (`measured_costs`, `finished_run`) and the generator stage's loop into their own
+module.)
 
 The grid is classifier x conventional policy x real data (a fraction or a count per class) x synthetic data
 (none, or a source at a ratio). One point of it is a *cell*; every cell is trained and tested once per seed.
@@ -24,7 +25,8 @@ subset beforehand (`subset_seeds` keeps that affordable), a `transform` source i
 MLflow (experiment `name`): one parent run (tag level=experiment), one child per cell (level=cell), one grandchild
 per seed (level=seed); every run carries the tags experiment, cell, classifier, policy, real, real_fraction,
 real_count, generator, ratio, augment_classes (and seed, subset_seed), so `tags.generator = 'diffusion'` and the
-like filter them. Running the same command again skips the (cell, seed) pairs whose run FINISHED with test
+like filter them; cell and seed runs also log the grid axes as params (`CELL_AXES`, `RUN_AXES`), which the UI's
+compare view and parallel-coordinates plot read. Running the same command again skips the (cell, seed) pairs whose run FINISHED with test
 metrics under the same `config_hash` (the resolved config, the real data fingerprint, the synthetic folders'
 contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
 other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the pair is
