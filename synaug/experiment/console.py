@@ -168,5 +168,5 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        if self.stream is not sys.stdout:
-            self.stream.flush()
+        if self.stream is not sys.stdout:  # the copy of stdout's descriptor
+            self.stream.close()
