@@ -26,9 +26,9 @@ MLflow (experiment `name`): one parent run (tag level=experiment), one child per
 per seed (level=seed); every run carries the tags experiment, cell, classifier, policy, real, real_fraction,
 real_count, generator, ratio, augment_classes (and seed, subset_seed), so `tags.generator = 'diffusion'` and the
 like filter them; cell and seed runs also log the grid axes as params (`CELL_AXES`, `RUN_AXES`), which the UI's
-compare view and parallel-coordinates plot read. Running the same command again skips the (cell, seed) pairs whose run FINISHED with test
-metrics under the same `config_hash` (the resolved config, the real data fingerprint, the synthetic folders'
-contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
+compare view and parallel-coordinates plot read. Running the same command again skips the (cell, seed) pairs
+whose run FINISHED with test metrics under the same `config_hash` (the resolved config, the real data
+fingerprint, the synthetic folders' contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
 other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the pair is
 trained again, so a report only ever reads complete, current runs, and only the seeds the config asks for. Two
 processes must not run one experiment at the same time (use `workers` instead).
@@ -37,7 +37,8 @@ Inference is per independent unit (`unit` tag: a hash of the seed's real trainin
 With `controls`, every synthetic source under test gets, per ratio, a count-matched `duplicate-real` and a
 `transform-medical` control cell from the same real subsets, and the report says which of them each arm beats.
 
-The report (`out`, also logged to the parent run under `report/`): results.csv (one row per cell, seed, metric),
+The report (`out`, also logged to the parent run under `report/`, without the runs' logs in `out/logs`, which are
+on their runs): results.csv (one row per cell, seed, metric),
 summary.csv (median, mean and bootstrap CI per cell and metric), comparison.csv (paired differences to the
 baseline, Wilcoxon p, Holm-adjusted), report.md (the thesis-style table, also printed), plots of each metric per
 cell, of the metric against the synthetic ratio, and, with two or more real data settings, learning curves
