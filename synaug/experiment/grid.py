@@ -726,7 +726,9 @@ def experiment(
     for step in steps:
         source = synthetic[step.generator]
         what = f"generator {step.generator} real={step.real} subset {step.subset_seed}"
-        log = log_file(logs, what)
+        log = log_file(
+            logs, f"{what} {step.folder.name}"
+        )  # a changed config is another training: another log
         progress.started(what)
         try:
             with to_log(log, "a"):
