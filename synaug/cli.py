@@ -94,10 +94,13 @@ def version() -> str:
     return __version__
 
 
-def run_command(target: str, argv: list[str], prog: str):
+def run_command(target: str, argv: list[str], prog: str, verbose: bool = False):
     """Run the command function `target` ("module:function") with these words."""
     module, fn = target.split(":")
-    return run_function(getattr(importlib.import_module(module), fn), argv, prog)
+    fn = getattr(importlib.import_module(module), fn)
+    if verbose and "verbose" in inspect.signature(fn).parameters:  # a grid's runs print to the console
+        argv = [*argv, "--verbose=true"]
+    return run_function(fn, argv, prog)
 
 
 def run_function(fn: Callable, argv: list[str], prog: str):
@@ -303,7 +306,7 @@ def dispatch(argv: list[str], verbose: bool = True) -> None:
         if argv[: len(words)] == words:
             if not verbose:
                 quiet()
-            command = partial(run_command, target, argv[len(words) :], f"synaug {name}")
+            command = partial(run_command, target, argv[len(words) :], f"synaug {name}", verbose)
             if argv[len(words) :] in HELP:
                 help_text(argv, verbose, command)
             else:

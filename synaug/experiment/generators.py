@@ -281,7 +281,11 @@ def check_quality(step: Step, dm: ClassificationData, options: dict | None, gate
         have = read_synthetic(step.images, dm.class_names).items["class"].value_counts()
         measured = table["n_synthetic"].to_dict()
         # the classes this step uses, each measured on the images its folder holds now
-        table = None if any(measured.get(c) != have.get(c, 0) for c in step.counts) else table.loc[list(step.counts)]
+        table = (
+            None
+            if any(measured.get(c) != have.get(c, 0) for c in step.counts)
+            else table.loc[list(step.counts)]
+        )
     if table is None:
         table = measure_quality(step, dm, options)
         step.quality_file.write_text(json.dumps(table.reset_index().to_dict("list"), default=float))

@@ -3,8 +3,9 @@
     synaug experiment -c experiments/thesis2_brain/config.yaml
 
 (Over 400 lines: the cells, their planning and `experiment`, which orchestrates the generator stage, the
-classifier runs and the report. The next split is the planning and cost estimate (`Progress`,
-`measured_costs`, `finished_run`) and the generator stage's loop into their own module.)
+classifier runs and the report. The progress display and the runs' logs are in `console`; the next split is the
+planning and cost estimate (`measured_costs`, `finished_run`) and the generator stage's loop into their own
+module.)
 
 The grid is classifier x conventional policy x real data (a fraction or a count per class) x synthetic data
 (none, or a source at a ratio). One point of it is a *cell*; every cell is trained and tested once per seed.
@@ -24,9 +25,10 @@ subset beforehand (`subset_seeds` keeps that affordable), a `transform` source i
 MLflow (experiment `name`): one parent run (tag level=experiment), one child per cell (level=cell), one grandchild
 per seed (level=seed); every run carries the tags experiment, cell, classifier, policy, real, real_fraction,
 real_count, generator, ratio, augment_classes (and seed, subset_seed), so `tags.generator = 'diffusion'` and the
-like filter them. Running the same command again skips the (cell, seed) pairs whose run FINISHED with test
-metrics under the same `config_hash` (the resolved config, the real data fingerprint, the synthetic folders'
-contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
+like filter them; cell and seed runs also log the grid axes as params (`CELL_AXES`, `RUN_AXES`), which the UI's
+compare view and parallel-coordinates plot read. Running the same command again skips the (cell, seed) pairs
+whose run FINISHED with test metrics under the same `config_hash` (the resolved config, the real data
+fingerprint, the synthetic folders' contents); a finished run under another hash is tagged stale and never read, and the pair is trained again; any
 other run of a pair (killed mid-fit, failed, killed between fit and test) is marked KILLED and the pair is
 trained again, so a report only ever reads complete, current runs, and only the seeds the config asks for. Two
 processes must not run one experiment at the same time (use `workers`, or `storage` for worker processes on
@@ -36,7 +38,8 @@ Inference is per independent unit (`unit` tag: a hash of the seed's real trainin
 With `controls`, every synthetic source under test gets, per ratio, a count-matched `duplicate-real` and a
 `transform-medical` control cell from the same real subsets, and the report says which of them each arm beats.
 
-The report (`out`, also logged to the parent run under `report/`): results.csv (one row per cell, seed, metric),
+The report (`out`, also logged to the parent run under `report/`, without the runs' logs in `out/logs`, which are
+on their runs): results.csv (one row per cell, seed, metric),
 summary.csv (median, mean and bootstrap CI per cell and metric), comparison.csv (paired differences to the
 baseline, Wilcoxon p, Holm-adjusted), report.md (the thesis-style table, also printed), plots of each metric per
 cell, of the metric against the synthetic ratio, and, with two or more real data settings, learning curves
@@ -68,7 +71,7 @@ import pandas as pd
 import torch
 import yaml
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Run
+from mlflow.entities import Metric, Param, Run
 
 from synaug import stats
 from synaug.cli import SynAugCLI
@@ -76,6 +79,7 @@ from synaug.data import ClassificationData
 from synaug.data.transforms import Policy
 from synaug.experiment import generators
 from synaug.experiment import workers as grid_workers
+from synaug.experiment.console import Progress, log_file, to_log
 from synaug.experiment.report import report
 from synaug.experiment.runs import collect, complete, find_or_create, log_counts, search
 from synaug.generators.transform import needed, write_transforms
@@ -86,6 +90,11 @@ Schedule = Literal["mix", "pretrain_finetune"]
 CELL_KEYS = ("synthetic", "synthetic_ratio", "augment_classes", "replace_prob", "seed", "subset_seed")
 # what `ClassificationData.training_set` takes: the settings that choose the training images
 MIXING_KEYS = (*CELL_KEYS, "real_fraction", "real_count")
+# A cell run's params: its grid axes (all of them follow from its name, so a rerun never changes them). A seed run
+# also gets the model's and the data's hyperparameters, the optimizer, epochs and precision (`synaug.training`),
+# so only the axes those leave out (the others would clash: `real_fraction` is `1.0` there, `1` here).
+CELL_AXES = ("classifier", "policy", "real", "real_fraction", "real_count", "generator", "ratio", "schedule")
+RUN_AXES = ("cell", "classifier", "real", "generator", "ratio", "schedule")
 
 
 @dataclass
@@ -332,21 +341,37 @@ def stop_on_signals():
 
 
 def run_seed(
-    config: dict, experiment_id: str, tags: dict[str, str], run_name: str, keep_checkpoints: bool = False
+    config: dict,
+    experiment_id: str,
+    tags: dict[str, str],
+    run_name: str,
+    keep_checkpoints: bool = False,
+    log: Path | None = None,
 ) -> str:
-    """Train one (cell, seed) on a new MLflow run, test its best checkpoint once; returns the run id."""
+    """Train one (cell, seed) on a new MLflow run, test its best checkpoint once; returns the run id. With `log`,
+    everything the run prints goes to that file (`console.to_log`), then to the run's artifacts (`logs/`)."""
     uri = config["trainer"]["logger"]["init_args"]["tracking_uri"]
     client = MlflowClient(uri)
     run_id = client.create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
-    cli = SynAugCLI(args=merge(config, {"trainer": {"logger": {"init_args": {"run_id": run_id}}}}), run=False)
-    trainer = cli.trainer
-    trainer.fit(cli.model, datamodule=cli.datamodule)
-    log_counts(client, run_id, cli.datamodule.counts)
-    if tags.get("schedule") == "pretrain_finetune":
-        trainer = finetune_on_real(config, run_id, cli.model, trainer)
-    trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, ckpt_path="best")
-    if not keep_checkpoints:  # 20 seeds x many cells of weights add up; the results are in MLflow
-        shutil.rmtree(trainer.checkpoint_callback.dirpath)
+    # the grid axes that the model's and the data's hyperparameters leave out, as params: the UI's compare view
+    # and parallel-coordinates plot read params, not tags
+    client.log_batch(run_id, params=[Param(k, tags[k]) for k in RUN_AXES if k in tags])
+    try:
+        with to_log(log):
+            cli = SynAugCLI(
+                args=merge(config, {"trainer": {"logger": {"init_args": {"run_id": run_id}}}}), run=False
+            )
+            trainer = cli.trainer
+            trainer.fit(cli.model, datamodule=cli.datamodule)
+            log_counts(client, run_id, cli.datamodule.counts)
+            if tags.get("schedule") == "pretrain_finetune":
+                trainer = finetune_on_real(config, run_id, cli.model, trainer)
+            trainer.test(trainer.lightning_module, datamodule=trainer.datamodule, ckpt_path="best")
+            if not keep_checkpoints:  # 20 seeds x many cells of weights add up; the results are in MLflow
+                shutil.rmtree(trainer.checkpoint_callback.dirpath)
+    finally:
+        if log is not None:
+            client.log_artifact(run_id, str(log), "logs")
     return run_id
 
 
@@ -478,14 +503,33 @@ def grid(
 
 
 def run_all(
-    jobs: list[tuple[dict, dict[str, str], str]], experiment_id: str, workers: int, keep: bool, progress=None
+    jobs: list[tuple[dict, dict[str, str], str]],
+    experiment_id: str,
+    workers: int,
+    keep: bool,
+    progress: Progress | None = None,
+    logs: Path | None = None,
+    metric: str = stats.MAIN_METRIC,
 ) -> None:
+    """Train the jobs, `workers` at a time; each one's output goes to its file under `logs` (None: the console,
+    with a `[i/N]` line per run). The progress display gets each finished run's `metric` as its last result."""
     progress = progress or Progress({"classifier runs": len(jobs)}, {})
+
+    def finished(config: dict, run_id: str, name: str) -> None:
+        value = MlflowClient(config["trainer"]["logger"]["init_args"]["tracking_uri"]).get_run(run_id)
+        progress.done("classifier runs", f"{name} {metric} {value.data.metrics.get(metric, math.nan):.3f}")
+
     if workers == 1:
         for i, (config, tags, run_name) in enumerate(jobs, 1):
-            print(f"[{i}/{len(jobs)}] {run_name}")
-            run_seed(config, experiment_id, tags, run_name, keep)
-            progress.done("classifier runs")
+            if logs is None:
+                print(f"[{i}/{len(jobs)}] {run_name}", flush=True)
+            progress.started(run_name)
+            try:
+                run_id = run_seed(config, experiment_id, tags, run_name, keep, log_file(logs, run_name))
+            except Exception:
+                progress.failed(run_name, log_file(logs, run_name))
+                raise
+            finished(config, run_id, run_name)
         return
     # Not fork: CUDA cannot be re-initialised in a forked child. A fork server that has imported synaug (and so
     # torch, Lightning, MLflow) but touched no GPU forks the workers: the imports are paid once, not per worker.
@@ -497,50 +541,24 @@ def run_all(
         initializer=_worker_init,
         initargs=(max(1, os.cpu_count() // workers),),
     ) as pool:
-        futures = {pool.submit(run_seed, c, experiment_id, t, n, keep): n for c, t, n in jobs}
+        futures = {
+            pool.submit(run_seed, c, experiment_id, t, n, keep, log_file(logs, n)): (c, n) for c, t, n in jobs
+        }
+        progress.started(f"{min(workers, len(jobs))} runs at a time")
         try:
             for i, future in enumerate(as_completed(futures), 1):
-                future.result()
-                print(f"[{i}/{len(jobs)}] done: {futures[future]}")
-                progress.done("classifier runs")
+                config, name = futures[future]
+                try:
+                    run_id = future.result()
+                except Exception:
+                    progress.failed(name, log_file(logs, name))
+                    raise
+                if logs is None:
+                    print(f"[{i}/{len(jobs)}] done: {name}", flush=True)
+                finished(config, run_id, name)
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs in flight finish; the queued ones never start
             raise
-
-
-class Progress:
-    """One line per finished step: the count done of each kind of step and an ETA (from the measured or
-    estimated seconds per step, else from the pace so far)."""
-
-    UNIT = {
-        "generator trainings": "generator_train_s",
-        "generations": "generation_s",
-        "classifier runs": "classifier_s",
-    }
-
-    def __init__(self, total: dict[str, int], costs: dict):
-        self.total, self.count, self.costs, self.start = (
-            dict(total),
-            dict.fromkeys(total, 0),
-            costs,
-            time.monotonic(),
-        )
-
-    def add(self, what: str, n: int) -> None:
-        self.total[what], self.count[what] = n, 0
-
-    def done(self, what: str) -> None:
-        self.count[what] += 1
-        elapsed = time.monotonic() - self.start
-        left = {k: self.total[k] - self.count[k] for k in self.total}
-        per = {k: self.costs.get(self.UNIT[k], math.nan) for k in self.total}
-        if all(not math.isnan(per[k]) for k in left if left[k]):
-            eta = sum(left[k] * per[k] for k in left)
-        else:
-            done = sum(self.count.values())
-            eta = elapsed / done * sum(left.values())
-        counts = ", ".join(f"{k} {self.count[k]}/{self.total[k]}" for k in self.total)
-        print(f"progress: {counts}; elapsed {elapsed / 60:.1f} min, ETA {eta / 60:.1f} min", flush=True)
 
 
 def measured_costs(client: MlflowClient, exp_id: str, name: str, estimate: dict | None) -> dict:
@@ -606,6 +624,7 @@ def experiment(
     storage: str | None = None,
     heartbeat_interval: int = 60,
     grace_period: int | None = None,
+    verbose: bool = False,
 ) -> str:
     """Train and test every cell of a grid over `seeds` seeds, then report; returns the parent MLflow run id.
 
@@ -650,6 +669,9 @@ def experiment(
             grid, on this machine or others (`synaug.experiment.workers`); the last one writes the report.
         heartbeat_interval, grace_period: with `storage`, seconds between heartbeats of a worker's running run,
             and without one before it counts as dead and is retried (default 2 x heartbeat_interval).
+        verbose: the runs print to the console (Lightning's notices, test tables, warnings), as `synaug -v`
+            gives; by default each classifier run's and generator step's output goes to `<out>/logs/<run>.log`
+            (also an artifact of its MLflow run) and the console shows one progress display (`console`).
     """
     synthetic = synthetic or {}
     controls_dir = str(Path("outputs") / "synthetic" / name / "controls") if controls else None
@@ -721,40 +743,56 @@ def experiment(
     progress = Progress(
         {"generator trainings": len(pending_train), "generations": len(pending_images)}, costs
     )
+    folder = Path(out) if out else Path("outputs") / "experiments" / name
+    logs = None if verbose else folder / "logs"
     excluded: dict[tuple[str, str], str] = {}
     finished = 0  # generator steps done (trained, sampled, checked): kept for the next run of the command
     try:
         with stop_on_signals() as stopped:
             for step in steps:
                 source = synthetic[step.generator]
-                if not step.trained:
-                    started = time.monotonic()
-                    generators.train(step, client, exp_id, name, uri, parent)
-                    client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
-                    progress.done("generator trainings")
-                else:
-                    generators.train(step, client, exp_id, name, uri, parent)  # finds its run, trains nothing
-                missing = step.generated()
-                if missing:
-                    started = time.monotonic()
-                    generators.generate_images(step, source.sampler)
-                    client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
-                    progress.done("generations")
-                generators.check_quality(step, generator_dm, source.quality, source.gate)
-                generators.log_quality(step, client)
-                client.set_terminated(step.run_id, "FINISHED")
-                source.made[(step.real, step.subset_seed)] = str(step.images)
-                if source.filter is not None:
-                    kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
-                    for c, share in kept.items():
-                        client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
-                    source.made[(step.real, step.subset_seed)] = str(
-                        step.folder / f"filtered-{source.filter:g}"
-                    )
+                what = f"generator {step.generator} real={step.real} subset {step.subset_seed}"
+                # a changed config is another training: another log
+                log = log_file(logs, f"{what} {step.folder.name}")
+                progress.started(what)
+                try:
+                    with to_log(log, "a"):
+                        if not step.trained:
+                            started = time.monotonic()
+                            generators.train(step, client, exp_id, name, uri, parent)
+                            train_s = time.monotonic() - started
+                            client.log_metric(step.run_id, "time/train_s", train_s)
+                            progress.done("generator trainings", f"{what} trained in {train_s / 60:.1f} min")
+                        else:  # finds its run, trains nothing
+                            generators.train(step, client, exp_id, name, uri, parent)
+                        missing = step.generated()
+                        if missing:
+                            started = time.monotonic()
+                            generators.generate_images(step, source.sampler)
+                            image_s = (time.monotonic() - started) / missing
+                            client.log_metric(step.run_id, "time/image_s", image_s)
+                            progress.done("generations", f"{what}: {missing} images")
+                        generators.check_quality(step, generator_dm, source.quality, source.gate)
+                        generators.log_quality(step, client)
+                        client.set_terminated(step.run_id, "FINISHED")
+                        source.made[(step.real, step.subset_seed)] = str(step.images)
+                        if source.filter is not None:
+                            kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
+                            for c, share in kept.items():
+                                client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
+                            filtered = step.folder / f"filtered-{source.filter:g}"
+                            source.made[(step.real, step.subset_seed)] = str(filtered)
+                except Exception:
+                    progress.failed(what, log)
+                    raise
+                finally:
+                    if log is not None and step.run_id:
+                        client.log_artifact(step.run_id, str(log), "logs")
                 if step.excluded:
                     excluded[(step.generator, step.real)] = f"subset {step.subset_seed}: {step.excluded}"
                 finished += 1
     except BaseException:
+        progress.close()
         if not stopped:
             client.set_terminated(parent, "FAILED")
             raise
@@ -772,13 +810,15 @@ def experiment(
         raise SystemExit(128 + stopped[0]) from None
     if excluded:
         # a generator gated out on one subset leaves its cells for that real setting unpaired on it: all go
-        for (gen, real), why in excluded.items():
-            print(f"gate: {gen} at real={real} excluded from the classifier stage ({why})")
+        with progress.aside():
+            for (gen, real), why in excluded.items():
+                print(f"gate: {gen} at real={real} excluded from the classifier stage ({why})", flush=True)
         cells = [c for c in cells if (c.generator, c.real) not in excluded]
     generator_runs = {(s.generator, s.real, s.subset_seed): s.run_id for s in steps}
-    fingerprints, units = prepare(
-        cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
-    )
+    with progress.aside():  # it prints the transform folders it makes
+        fingerprints, units = prepare(
+            cells, {c: merge(base, classifiers[c]) for c in classifiers}, seeds, subset_of
+        )
     parent = parent or make_parent()
     settings = dict(
         name=name,
@@ -810,6 +850,7 @@ def experiment(
             cell.name,
             {**cell.tags(), "mlflow.parentRunId": parent},
         )
+        client.log_batch(cell_runs[cell.name], params=[Param(k, cell.tags()[k]) for k in CELL_AXES])
         config = merge(base, classifiers[cell.classifier])
         for seed in range(seeds):
             data = cell.data(seed, subset_of(seed))
@@ -841,18 +882,21 @@ def experiment(
                 tags["generator_run"] = generator_runs[(cell.generator, cell.real, subset_of(seed))]
             jobs.append((run, tags, f"{cell.name} seed {seed}"))
     changed = f" ({stale} of them because their config, data or synthetic images changed)" if stale else ""
-    print(
-        f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train{changed}, "
-        f"{len(cells) * seeds - len(jobs)} done"
-    )
+    with progress.aside():
+        print(
+            f"{name}: {len(cells)} cells x {seeds} seeds; {len(jobs)} runs to train{changed}, "
+            f"{len(cells) * seeds - len(jobs)} done",
+            flush=True,
+        )
     progress.add("classifier runs", len(jobs))
     try:
         with stop_on_signals() as stopped:
             if pool is None:
-                run_all(jobs, exp_id, workers, keep_checkpoints, progress)
+                run_all(jobs, exp_id, workers, keep_checkpoints, progress, logs, metric)
             elif not pool.run(jobs, keep_checkpoints, metric):
                 return parent  # another worker writes the report
     except BaseException:
+        progress.close()
         if not stopped:
             client.set_terminated(parent, "FAILED")
             raise
@@ -869,6 +913,7 @@ def experiment(
             file=sys.stderr,
         )
         raise SystemExit(128 + stopped[0]) from None
+    progress.close()
 
     x = f"real_{learning_curve_class}" if learning_curve_class else "real_per_class"
     x_metric = f"data/real_kept/{learning_curve_class}" if learning_curve_class else "data/real_per_class"
@@ -892,7 +937,6 @@ def experiment(
             for c in cells
         ]
     ).set_index("cell")
-    folder = Path(out) if out else Path("outputs") / "experiments" / name
     summary, _, markdown = report(results, table, folder, metric, minority_metric, x, margin, min_units)
     if steps:  # how good the generators were, next to the verdicts
         quality = generators.quality_table(steps)
@@ -923,7 +967,11 @@ def experiment(
                 ]
         client.log_batch(cell_runs[cell], metrics=metrics)
         client.set_terminated(cell_runs[cell], "FINISHED")
-    client.log_artifacts(parent, str(folder), "report")
+    for f in folder.iterdir():  # the runs' logs are on the runs already
+        if f.is_file():
+            client.log_artifact(parent, str(f), "report")
+        elif f.name != "logs":
+            client.log_artifacts(parent, str(f), f"report/{f.name}")
     client.set_terminated(parent, "FINISHED")
     print(markdown)
     print(f"report: {folder.resolve()}; MLflow parent run {parent} (experiment {name!r})")

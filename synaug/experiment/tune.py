@@ -154,6 +154,7 @@ def tune(
     tracking: str | None = None,
     generator: str = "tuned",
     generator_cache: str | None = None,
+    verbose: bool = False,
 ) -> FrozenTrial:
     """Tune the synthetic ratio per class on validation data; returns the best trial.
 
@@ -185,6 +186,7 @@ def tune(
             before the trial counts as dead (default 2 x heartbeat_interval).
         max_retry: how often a dead trial is queued again.
         evaluate_seeds: seeds of the final test of the best configuration against its baseline; 0: no test.
+        verbose: the final test's runs print to the console (`synaug -v`), not to their logs (`experiment`).
         fit: `module:function` that trains one seed, `(config, metric, report) -> value` (default
             `fit_seed`); a stand-in makes the storage machinery testable in seconds.
         tracking: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
@@ -423,6 +425,7 @@ def tune(
         minority_metric=None if test_metric in stats.TABLE_COLUMNS.values() else test_metric,
         tracking=tracking,
         generator_cache=generator_cache or name,  # the subsets trained above are reused, not trained again
+        verbose=verbose,
     )
     client.set_tag(parent, "optuna.study", name)
     client.set_tag(parent, "optuna.best_trial", str(best.number))

@@ -82,6 +82,10 @@ def test_generator_is_trained_per_subset_cached_and_retrained_when_its_config_ch
     assert dict(synth["class"].value_counts()) == dict(ts.counts["real_kept"])  # ratio 1: one per real image
     report = (tmp_path / "report" / "report.md").read_text()
     assert "Generator quality" in report and "| diffusion | 0.03 | 0 | malignant |" in report
+    # the generator step's output (its training's Lightning notices among it) in its own log, also on its run
+    (log,) = (tmp_path / "report" / "logs").glob("generator_diffusion_real=0.03_subset_0_*.log")
+    assert log.name.endswith(f"_{export.parent.name}.log") and "Seed set to" in log.read_text()
+    assert [a.path for a in client.list_artifacts(gen.info.run_id, "logs")] == [f"logs/{log.name}"]
 
     stamp = (export / "generator.json").stat().st_mtime_ns
     before = {r.info.run_id for r in search(client, exp_id, {"level": "seed"})}

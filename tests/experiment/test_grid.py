@@ -111,6 +111,50 @@ def test_two_cells_two_seeds_nest_in_mlflow_with_tags(ran, grid_args):
         assert run.data.metrics["data/real_kept/malignant"] == 147
 
 
+def test_runs_carry_the_grid_axes_and_their_settings_as_params(ran):
+    # main: cell runs had no params at all ("No parameters to display" in the UI's compare view), seed runs
+    # none of classifier, generator, ratio, schedule: the parallel-coordinates plot had no ratio axis
+    client = mlflow.MlflowClient()
+    exp_id = client.get_experiment_by_name("grid").experiment_id
+    for run in search(client, exp_id, {"level": "cell", "experiment": "grid"}):
+        augmented = run.data.tags["cell"] == AUGMENTED
+        assert run.data.params == {
+            "classifier": "cnn",
+            "policy": "none",
+            "real": "1",
+            "real_fraction": "1",
+            "real_count": "",
+            "generator": "transform" if augmented else "none",
+            "ratio": "0.25" if augmented else "0",
+            "schedule": "mix" if augmented else "",
+        }
+    for (cell, seed), (run,) in seed_runs(client, exp_id).items():
+        params = run.data.params
+        axes = {
+            k: params[k] for k in ("cell", "classifier", "generator", "ratio", "schedule", "seed_everything")
+        }
+        augmented = cell == AUGMENTED
+        assert axes == {
+            "cell": cell,
+            "classifier": "cnn",
+            "generator": "transform" if augmented else "none",
+            "ratio": "0.25" if augmented else "0",
+            "schedule": "mix" if augmented else "",
+            "seed_everything": str(seed),
+        }
+        assert (params["policy"], params["real_fraction"], params["synthetic_ratio"]) == (
+            "none",
+            "1.0",
+            "0.25" if augmented else "0.0",
+        )
+        assert (params["optimizer"], params["optimizer.lr"]) == ("Adam", "0.001")
+        assert (params["trainer.max_epochs"], params["trainer.precision"], params["image_size"]) == (
+            "1",
+            "32-true",
+            "28",
+        )
+
+
 def test_report_rows_are_the_cells(ran, grid_args):
     folder = Path(grid_args["out"])
     rows = [line for line in (folder / "report.md").read_text().splitlines() if line.startswith("| cnn/")]
@@ -167,6 +211,9 @@ def test_rerun_redoes_exactly_the_unfinished_pairs(ran, grid_args, tmp_path, mon
         assert runs[old].info.status == "KILLED"
         (new,) = [r for i, r in runs.items() if i != old]
         assert new.info.status == "FINISHED" and "test/f1_macro" in new.data.metrics
+        # each worker process wrote its run's output to the run's log, logged to the run
+        (log,) = client.list_artifacts(new.info.run_id, "logs")
+        assert "Test metric" in (Path(grid_args["out"]) / log.path).read_text()
     results = pd.read_csv(Path(grid_args["out"]) / "results.csv")
     assert len(results.drop_duplicates(["cell", "seed"])) == 4
 
