@@ -34,8 +34,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
     ),
-    # 1.06M, no attention: the CPU preset for 28-32 px (experiments/bench/generator_budget.py measured it on
-    # 2 cores; attention at 16 px is what makes `small` 20x slower there).
+    # 1.06M, attention only in the mid block (at 7 px for 28 px images): the CPU preset for 28-32 px
+    # (experiments/bench/generator_budget.py measured it on 2 cores; attention at 14-16 px is what makes `small`
+    # 20x slower there).
     "cpu": dict(
         block_out_channels=(32, 64, 64),
         layers_per_block=1,
