@@ -37,7 +37,9 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "medmnist" / "breastmnist.npz"))
     p.add_argument("--real_fraction", type=float, default=0.1)
     p.add_argument("--per_class", type=int, default=20)
-    p.add_argument("--preset", default=None, help="diffusion UNet preset (tiny, cpu, small, ...); default: the config's")
+    p.add_argument(
+        "--preset", default=None, help="diffusion UNet preset (tiny, cpu, small, ...); default: the config's"
+    )
     p.add_argument("--batch_size", type=int, default=None, help="default: the config's")
     p.add_argument("--out", default="outputs/bench/generator_budget")
     a = p.parse_args()
