@@ -26,6 +26,25 @@ def _isolated_stores(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def postgres() -> str:
+    """The PostgreSQL URL of the multi-process tests (`bash .ci/postgres.sh` starts it); skips without one."""
+    import sqlalchemy
+
+    url = os.environ.get(
+        "SYNAUG_POSTGRES_URL", "postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test"
+    )
+    engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect():
+            pass
+    except sqlalchemy.exc.OperationalError as e:
+        pytest.skip(f"no PostgreSQL at {url} (run `bash .ci/postgres.sh`, or set SYNAUG_POSTGRES_URL): {e}")
+    finally:
+        engine.dispose()
+    return url
+
+
+@pytest.fixture(scope="session")
 def brain_root() -> Path:
     assert BRAIN.is_dir(), f"shared data missing: {BRAIN}"
     return BRAIN.resolve()

@@ -278,25 +278,21 @@ def _from_csv(path: Path, root: Path, on_bad_image: OnBad = "error") -> ImageSou
     if missing:
         raise DataError(f"{path}: manifest lacks column(s) {sorted(missing)}; expected path,label[,split]")
     root = root.resolve()
-    resolved, missing = [], []
-    for p in table["path"]:
-        full = (root / p).resolve()
-        if not full.is_relative_to(root):
-            raise DataError(f"{path}: manifest path escapes the data root {root}: {p} -> {full}")
-        if not full.is_file():
-            if on_bad_image == "error":
-                raise DataError(
-                    f"{path}: manifest names a file that does not exist under {root}: {p} "
-                    "(data.on_bad_image: skip leaves such rows out)"
-                )
-            missing.append(p)
-        resolved.append(str(full))
-    if missing:
-        keep = ~table["path"].isin(missing)
-        table, resolved = (
-            table[keep].reset_index(drop=True),
-            [r for r, k in zip(resolved, keep, strict=True) if k],
+    full = [(root / p).resolve() for p in table["path"]]
+    for p, f in zip(table["path"], full, strict=True):
+        if not f.is_relative_to(root):
+            raise DataError(f"{path}: manifest path escapes the data root {root}: {p} -> {f}")
+    on_disk = np.array([f.is_file() for f in full], dtype=bool)
+    missing = table.loc[~on_disk, "path"].tolist()
+    if missing and on_bad_image == "error":
+        raise DataError(
+            f"{path}: manifest names a file that does not exist under {root}: {missing[0]} "
+            "(data.on_bad_image: skip leaves such rows out)"
         )
+    table, resolved = (
+        table[on_disk].reset_index(drop=True),
+        [str(f) for f, ok in zip(full, on_disk, strict=True) if ok],
+    )
     classes = sorted(table["label"].unique())
     split = table.get("split", "")
     bad = set(table["split"]) - set(SPLITS) if "split" in table else set()

@@ -34,6 +34,7 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,23 +228,29 @@ def run_step(
     experiment: str,
     uri: str,
     parent: str | None,
+    done: Callable[[str, str], None] | None = None,
 ) -> None:
-    """One step, start to end, as `synaug tune` runs it: train the generator unless its export is there, make
-    the images still missing, check their quality and gate it, filter them if `source.filter`; then
-    `source.made` names the folder the classifiers read. (`synaug experiment` runs the same functions in its
-    own loop, which also reports its progress.) Processes sharing `outputs/` (tuning workers starting together)
-    take turns on a step: the first trains and samples it, the others find it done."""
+    """One step, start to end, as `synaug experiment` and `synaug tune` run it: train the generator unless its
+    export is there, make the images still missing, check their quality and gate it, filter them if
+    `source.filter`; then `source.made` names the folder the classifiers read. `done(kind, result)` hears of
+    each training ("generator trainings") and generation ("generations") finished (a progress display).
+    Processes sharing `outputs/` (tuning or grid workers starting together) take turns on a step: the first
+    trains and samples it, the others find it done."""
+    done = done or (lambda kind, result: None)
     step.folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(step.folder.parent / f"{step.folder.name}.lock"):
         trained, started = step.trained, time.monotonic()
         train(step, client, exp_id, experiment, uri, parent)  # a trained step: finds its run, trains nothing
         if not trained:
-            client.log_metric(step.run_id, "time/train_s", time.monotonic() - started)
+            train_s = time.monotonic() - started
+            client.log_metric(step.run_id, "time/train_s", train_s)
+            done("generator trainings", f"trained in {train_s / 60:.1f} min")
         missing = step.generated()
         if missing:
             started = time.monotonic()
             generate_images(step, source.sampler)
             client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
+            done("generations", f"{missing} images")
     check_quality(step, dm, source.quality, source.gate)
     log_quality(step, client)
     client.set_terminated(step.run_id, "FINISHED")

@@ -57,7 +57,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -750,38 +749,23 @@ def experiment(
     try:
         with stop_on_signals() as stopped:
             for step in steps:
-                source = synthetic[step.generator]
                 what = f"generator {step.generator} real={step.real} subset {step.subset_seed}"
                 # a changed config is another training: another log
                 log = log_file(logs, f"{what} {step.folder.name}")
                 progress.started(what)
                 try:
                     with to_log(log, "a"):
-                        if not step.trained:
-                            started = time.monotonic()
-                            generators.train(step, client, exp_id, name, uri, parent)
-                            train_s = time.monotonic() - started
-                            client.log_metric(step.run_id, "time/train_s", train_s)
-                            progress.done("generator trainings", f"{what} trained in {train_s / 60:.1f} min")
-                        else:  # finds its run, trains nothing
-                            generators.train(step, client, exp_id, name, uri, parent)
-                        missing = step.generated()
-                        if missing:
-                            started = time.monotonic()
-                            generators.generate_images(step, source.sampler)
-                            image_s = (time.monotonic() - started) / missing
-                            client.log_metric(step.run_id, "time/image_s", image_s)
-                            progress.done("generations", f"{what}: {missing} images")
-                        generators.check_quality(step, generator_dm, source.quality, source.gate)
-                        generators.log_quality(step, client)
-                        client.set_terminated(step.run_id, "FINISHED")
-                        source.made[(step.real, step.subset_seed)] = str(step.images)
-                        if source.filter is not None:
-                            kept = generators.filter_images(step, generator_dm, source.filter, source.quality)
-                            for c, share in kept.items():
-                                client.log_metric(step.run_id, f"filter/kept_share/{c}", share)
-                            filtered = step.folder / f"filtered-{source.filter:g}"
-                            source.made[(step.real, step.subset_seed)] = str(filtered)
+                        generators.run_step(
+                            step,
+                            synthetic[step.generator],
+                            generator_dm,
+                            client,
+                            exp_id,
+                            name,
+                            uri,
+                            parent,
+                            lambda kind, result, what=what: progress.done(kind, f"{what}: {result}"),
+                        )
                 except Exception:
                     progress.failed(what, log)
                     raise

@@ -18,7 +18,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
@@ -26,7 +25,6 @@ from synaug.experiment import search
 from synaug.generators.transform import transform_generate
 from synaug.tracking import experiment_id, tracking_uri
 
-URL = os.environ.get("SYNAUG_POSTGRES_URL", "postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test")
 SYNAUG = Path(sys.executable).with_name("synaug")
 N_TRIALS = 6
 GRACE = 3  # seconds without a heartbeat before a running trial counts as dead
@@ -57,19 +55,6 @@ def slow_fit(config: dict, metric: str, report) -> float:
         time.sleep(0.3)
         report(epoch, value)
     return value
-
-
-@pytest.fixture(scope="module")
-def postgres() -> str:
-    engine = sqlalchemy.create_engine(URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {URL} (run `bash .ci/postgres.sh`, or set SYNAUG_POSTGRES_URL): {e}")
-    finally:
-        engine.dispose()
-    return URL
 
 
 @pytest.fixture(scope="module")

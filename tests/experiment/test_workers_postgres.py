@@ -15,30 +15,15 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
 from synaug.experiment import search
 from synaug.tracking import experiment_id, tracking_uri
 
-URL = os.environ.get("SYNAUG_POSTGRES_URL", "postgresql+psycopg2://synaug:synaug@localhost:5432/synaug_test")
 SYNAUG = Path(sys.executable).with_name("synaug")
 FAULTS = Path(__file__).parents[1] / "faults"
 CELLS, SEEDS = ["cnn/none/real=1/none", "cnn/hflip/real=1/none"], 2
-
-
-@pytest.fixture(scope="module")
-def postgres() -> str:
-    engine = sqlalchemy.create_engine(URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect():
-            pass
-    except sqlalchemy.exc.OperationalError as e:
-        pytest.skip(f"no PostgreSQL at {URL} (run `bash .ci/postgres.sh`, or set SYNAUG_POSTGRES_URL): {e}")
-    finally:
-        engine.dispose()
-    return URL
 
 
 def worker(folder: Path, config: Path, name: str, **env: str) -> subprocess.Popen:
