@@ -30,7 +30,7 @@ class TrackRun(SaveConfigCallback):
     fingerprints and per-class counts, and a grid of training images labelled real/synthetic."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        from synaug.tracking import MLFlowLogger, git_commit, log_datasets, log_figure, run_params
+        from synaug.tracking import MLFlowLogger, git_commit, log_datasets, run_params
 
         logger = trainer.logger
         if not isinstance(logger, MLFlowLogger):
@@ -55,7 +55,7 @@ class TrackRun(SaveConfigCallback):
             client.log_metric(run, "data/dropped_test_twins", dm.dropped_twins)
             if dm.skipped:
                 client.log_text(run, "\n".join(map(str, dm.skipped)), "data/skipped_images.txt")
-            log_figure(client, run, dm.preview_figure(), "data/train_grid.png")
+            client.log_image(run, dm.preview_image(), "data/train_grid.png")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         # A resumed fit (`--ckpt_path`) continues this run: its metrics, its checkpoint folder, its best score.

@@ -13,7 +13,9 @@ its images are the same content, and every feature comes from the cache.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +71,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=20)
     p.add_argument("--image_size", type=int, default=128, help="BreastMNIST's 28 px upsampled for the CNN")
     p.add_argument("--real_fraction", type=float, default=0.2)
+    p.add_argument("--profile", type=int, default=0, help="print the N costliest calls of the cached pass")
     args = p.parse_args()
 
     extracted, seconds = [0], [0.0]
@@ -96,9 +99,15 @@ def main() -> None:
 
         for total in head.values():
             total[0] = 0.0
+        profile = cProfile.Profile() if args.profile else None
         start = time.perf_counter()
+        if profile:
+            profile.enable()
         experiment(**grid(args, tmp / "second"))
         wall = time.perf_counter() - start
+        if profile:
+            profile.disable()
+            pstats.Stats(profile).sort_stats("cumulative").print_stats(args.profile)
         summary = (tmp / "second" / "report" / "summary.csv").read_text().splitlines()
 
     print(

@@ -5,7 +5,8 @@ the study configs' generator budgets are chosen from.
     python experiments/bench/generator_budget.py --kind pggan --steps 80 400 --real_fraction 0.1
 
 Each budget trains the tiny config (`configs/generators/<kind>_tiny.yaml`) from scratch on BreastMNIST's 10%
-subset 0 (28 px) through the experiment's own generator step (`synaug.experiment.generators`), samples 20
+subset 0 (28 px; `--data`, `--image_size` and
+`--real_fraction` for another set) through the experiment's own generator step (`synaug.experiment.generators`), samples 20
 images per class and measures them against the subset's training images (FD, KID, precision/recall,
 memorization; EfficientNet-Lite0 ImageNet features at 32 px). Prints one row per budget: training wall time,
 training images per second, and the quality; writes a sample grid per budget to `--out`.
@@ -36,6 +37,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, nargs="+", default=[100, 300])
     p.add_argument("--data", default=str(ROOT / ".." / "shared" / "data" / "medmnist" / "breastmnist.npz"))
     p.add_argument("--real_fraction", type=float, default=0.1)
+    p.add_argument("--image_size", type=int, default=28)
     p.add_argument("--per_class", type=int, default=20)
     p.add_argument(
         "--preset", default=None, help="diffusion UNet preset (tiny, cpu, small, ...); default: the config's"
@@ -44,7 +46,7 @@ def main() -> None:
     p.add_argument("--out", default="outputs/bench/generator_budget")
     a = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = {"root": a.data, "image_size": 28, "channels": 1}
+    data = {"root": a.data, "image_size": a.image_size, "channels": 1}
     settings = {"real_fraction": a.real_fraction, "real_count": None, "subset_seed": 0}
     dm = generators.ClassificationData(**data)
     _, ts = dm.training_set(**settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)

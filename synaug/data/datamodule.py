@@ -19,10 +19,10 @@ from functools import cached_property
 from typing import Literal
 
 import lightning.pytorch as L
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from synaug.cache import file_sha256
@@ -503,39 +503,39 @@ class ClassificationData(L.LightningDataModule):
             self.source, self.table, self.hparams.image_size, self.hparams.channels, transform
         )
 
-    def preview_figure(self, n: int = 32, seed: int = 0) -> plt.Figure:
-        """A grid of training images, half synthetic where there are any, each titled real/synthetic + class.
-
-        One axes holding every image, not a subplot each with `tight_layout`: 4x cheaper to draw and save
-        (about 0.3 s of every run before)."""
+    def preview_image(self, n: int = 32, seed: int = 0, cell: int = 96) -> Image.Image:
+        """A grid of training images, half synthetic where there are any, each captioned real/synthetic + class
+        (synthetic in red), `cell` px a tile. Drawn with PIL, not matplotlib: every run logs one, and a
+        matplotlib figure of 32 images cost 0.4 s to draw and save (this: about 0.02 s)."""
         rng = np.random.default_rng(seed)
         syn = self.table.loc[self.train_rows, "synthetic"].to_numpy()
         pick_s = rng.permutation(self.train_rows[syn])[: n // 2]
         pick_r = rng.permutation(self.train_rows[~syn])[: n - len(pick_s)]
         rows = np.concatenate([pick_r, pick_s])
-        cols = 8
+        cols, pad, caption = 8, 6, 28
         lines = math.ceil(len(rows) / cols)
-        fig = plt.figure(figsize=(cols * 1.6, lines * 1.8))
-        ax = fig.add_axes((0, 0, 1, 1), xlim=(0, cols), ylim=(-lines, 0))
-        ax.axis("off")
+        canvas = Image.new("RGB", (cols * (cell + pad) + pad, lines * (cell + caption + pad) + pad), "white")
+        draw = ImageDraw.Draw(canvas)
+        font = ImageFont.load_default(size=11)
         for k, r in enumerate(rows):
             y, x = divmod(k, cols)
+            left, top = pad + x * (cell + pad), pad + y * (cell + caption + pad)
             img = self.load_row(int(r))
-            img = img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0)
-            # a cell is 1.6 x 1.8 inches: a square image at the bottom, its two-line title above it
-            extent = (x + 0.075, x + 0.925, -y - 0.97, -y - 0.214)
-            ax.imshow(img, cmap="gray", vmin=0, vmax=255, extent=extent, aspect="auto")
-            kind = "synthetic" if self.table.at[r, "synthetic"] else "real"
-            ax.text(
-                x + 0.5,
-                -y - 0.03,
-                f"{kind}\n{self.class_names[self.table.at[r, 'label']]}",
-                ha="center",
-                va="top",
-                fontsize=7,
-                color="tab:red" if kind == "synthetic" else "black",
+            img = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+            canvas.paste(
+                img.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST), (left, top + caption)
             )
-        return fig
+            synthetic = bool(self.table.at[r, "synthetic"])
+            draw.multiline_text(
+                (left + cell // 2, top),
+                f"{'synthetic' if synthetic else 'real'}\n{self.class_names[self.table.at[r, 'label']]}",
+                fill="#d62728" if synthetic else "black",
+                font=font,
+                anchor="ma",
+                align="center",
+                spacing=2,
+            )
+        return canvas
 
 
 def epoch_length(n: int, batch_size: int, replicas: int = 1) -> int:

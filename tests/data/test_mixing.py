@@ -135,6 +135,26 @@ def test_validation_and_test_stay_real_in_the_datamodule(tmp_path, breast_npz):
     assert not t.loc[rows, "synthetic"].any()
 
 
+def test_the_training_grid_shows_half_synthetic_images_captioned_in_red(tmp_path, breast_npz):
+    w = SyntheticWriter(tmp_path / "syn", "test-gen", "run0")
+    for i in range(40):
+        w.write(Image.fromarray(np.full((28, 28), 255, np.uint8)), "malignant", i, seed=i)  # white: findable
+    dm = ClassificationData(
+        str(breast_npz), image_size=28, synthetic=[str(tmp_path / "syn")], synthetic_ratio={"malignant": 0.2}
+    )
+    dm.setup()
+    a = np.asarray(dm.preview_image(n=16, cell=28)).astype(int)
+    pad, caption, cell = 6, 28, 28
+    tiles = [
+        a[pad + y * (cell + caption + pad) :, pad + x * (cell + pad) :][: cell + caption, :cell]
+        for y in range(2)
+        for x in range(8)
+    ]
+    red = [((t[:caption, :, 0] - t[:caption, :, 1]) > 100).any() for t in tiles]
+    white = [(t[caption:] == 255).all() for t in tiles]
+    assert red == white == [False] * 8 + [True] * 8  # real first, then as many synthetic, each captioned so
+
+
 def test_the_medical_policy_never_inverts_an_image():
     # ImageNet AutoAugment inverts, solarises and posterises: brains came out inverted. `medical` keeps the
     # intensities' meaning: every output correlates positively with its input.

@@ -10,10 +10,8 @@ import lightning.pytorch as L
 import mlflow
 import pytest
 import yaml
-from matplotlib.figure import Figure
 
 from synaug.cli import main
-from synaug.data import ClassificationData
 from synaug.experiment.console import to_log
 from synaug.experiment.runs import search
 
@@ -52,7 +50,6 @@ def write_config(tmp_path: Path, breast_npz: Path, name: str, seeds: int, synthe
 @pytest.fixture
 def quick(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())  # speed: not under test
 
 
 def test_default_console_is_one_display_and_each_run_logs_to_its_file(breast_npz, tmp_path, quick, capfd):

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-from matplotlib.figure import Figure
 
 from synaug.data import ClassificationData
 from synaug.data.synthetic import read_synthetic
@@ -54,7 +53,6 @@ def test_generator_is_trained_per_subset_cached_and_retrained_when_its_config_ch
     breast_npz, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     run = args(breast_npz, tmp_path / "report") | {"tracking": uri}
 
@@ -106,7 +104,6 @@ def test_generator_is_trained_per_subset_cached_and_retrained_when_its_config_ch
 
 def test_the_gate_excludes_a_generator_with_its_reason(breast_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     experiment(**args(breast_npz, tmp_path / "report", gate={"max_fid": -1.0}), tracking=uri)
     client = mlflow.MlflowClient(uri)

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import yaml
 from jsonargparse import ArgumentParser
-from matplotlib.figure import Figure
 
 from synaug import stats
 from synaug.cli import main
@@ -70,7 +69,6 @@ def grid_args(breast_npz, tmp_path_factory) -> dict:
 def ran(grid_args, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("cwd"))
-        mp.setattr(ClassificationData, "preview_figure", lambda self: Figure())  # speed: not under test here
         parent = experiment(**grid_args)
         assert not list(Path().rglob("*.ckpt"))  # checkpoints go once tested
     return parent
@@ -378,7 +376,6 @@ def test_rerun_retrains_a_changed_config_and_reads_only_the_requested_seeds(
     # main matched finished runs by (experiment, cell, seed) only: a new learning rate said "0 runs to train"
     # and printed the old report, and lowering `seeds` kept the dropped seed in the results
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())
     client = mlflow.MlflowClient()
     exp_id = client.get_experiment_by_name("grid").experiment_id
     before = {pair: [r.info.run_id for r in runs] for pair, runs in seed_runs(client, exp_id).items()}

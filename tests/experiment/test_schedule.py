@@ -2,9 +2,7 @@
 baseline as the mixed cell (BreastMNIST, tiny CNN)."""
 
 import mlflow
-from matplotlib.figure import Figure
 
-from synaug.data import ClassificationData
 from synaug.experiment.grid import Synthetic, experiment, grid
 from synaug.experiment.runs import search
 
@@ -33,7 +31,6 @@ def test_schedule_is_an_axis_of_synthetic_cells_and_controls():
 
 def test_pretrain_finetune_ends_on_real_images_only(breast_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     source = Synthetic(folders=["t-{real}-{subset_seed}"], ratios=[1.0], transform="autoaugment")
     experiment(

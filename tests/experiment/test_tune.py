@@ -6,7 +6,6 @@ import mlflow
 import optuna
 import pandas as pd
 import pytest
-from matplotlib.figure import Figure
 
 from synaug.data import ClassificationData
 from synaug.experiment import label, search
@@ -67,7 +66,6 @@ def tuned(args, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("cwd"))
         mp.setattr(ClassificationData, "test_dataloader", refuse)
-        mp.setattr(ClassificationData, "preview_figure", lambda self: Figure())  # speed: not under test here
         best = tune("ratio", **args, n_trials=2, evaluate_seeds=0)
     return best, calls
 
@@ -105,7 +103,6 @@ def test_trials_are_logged_and_the_test_set_is_never_read(tuned, args):
 
 def test_rerun_resumes_the_study_then_tests_the_best_against_its_baseline(tuned, args, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())
     best, _ = tuned
     again = tune("ratio", **args, n_trials=2, evaluate_seeds=2)
     assert again.number == best.number

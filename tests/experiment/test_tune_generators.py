@@ -8,7 +8,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-from matplotlib.figure import Figure
 
 import synaug.experiment.tune as tune_module
 from synaug.data import ClassificationData
@@ -28,7 +27,6 @@ def stand_in(config: dict, metric: str, report) -> float:
 
 def test_a_tune_trains_its_generator_once_and_the_next_study_reuses_it(breast_npz, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(ClassificationData, "preview_figure", lambda self: Figure())  # speed: not under test
     trainings, test_reads, evaluating = [], [], []
     train = generators.train
 
