@@ -233,7 +233,7 @@ def tune(
     )
     pool = [Cell(clf, "none", f, n, generator, largest, source) for f, n in reals]
     generator_runs = {}  # (real, subset seed) -> the generator's MLflow run
-    if source.train is not None:
+    if source.staged:
         generators.check_gate(source.gate)
         subsets = sorted({subset_of(s) for s in range(seeds)})
         steps, dm = generators.plan_steps(pool, config, generator_cache or name, subsets, merge)
