@@ -7,10 +7,14 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from helpers.sd_dummy import save_dummy_pipeline  # tests/ is on sys.path (pytest rootdir-less import)
+from torch import nn
 
 from synaug.data import ClassificationData
 from synaug.data.mixing import synthetic_count
+from synaug.evaluation import features
+from synaug.evaluation.features import ImageFeatures
 from synaug.experiment import generators
 from synaug.experiment.grid import Synthetic, experiment, grid, merge
 from synaug.experiment.runs import search
@@ -30,6 +34,23 @@ PROMPTS = {"malignant": "an ultrasound of a malignant tumor", "normal_benign": "
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> str:
     return str(save_dummy_pipeline(tmp_path_factory.mktemp("sd")))
+
+
+class Pixels(nn.Module):
+    """6 x 6 mean intensities, centred per image: a feature space where only alike images are near."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = nn.functional.adaptive_avg_pool2d(x[:, :1], 6).flatten(1)
+        return f - f.mean(1, keepdim=True)
+
+
+@pytest.fixture
+def small_features(monkeypatch):
+    """The quality check in a 36-d pixel space: its bookkeeping (cache, gate, MLflow) is under test here, and
+    FID's matrix square root at EfficientNet-Lite0's 1,280 dimensions is a minute of CPU (tests/evaluation and
+    test_generators.py check it in the real space)."""
+    small = ImageFeatures(Pixels(), "pixels", 3, 36, torch.full((3,), 0.5), torch.full((3,), 0.5), size=32)
+    monkeypatch.setattr(features, "feature_extractor", lambda *args, **kwargs: small)
 
 
 def source(tiny: str, **overrides) -> Synthetic:
@@ -68,7 +89,7 @@ def args(npz, tiny, out) -> dict:
 
 
 def test_img2img_varies_exactly_the_subsets_kept_training_images(
-    breast_npz, tiny, tmp_path, monkeypatch, capsys
+    breast_npz, tiny, small_features, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path}/mlruns.db"
