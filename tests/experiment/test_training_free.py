@@ -172,3 +172,47 @@ def test_a_generate_source_refuses_what_the_grid_decides(tiny):
         "sd-img2img", str(ROOT / "configs/generators/img2img.yaml"), None, merge
     )
     assert "split" not in config and "per_image" not in config and config["strength"] == 0.1
+
+
+def stand_in(config: dict, metric: str, report) -> float:
+    """Instead of training a classifier: the tune's generator stage is under test."""
+    report(0, 0.5)
+    return 0.5
+
+
+def test_a_tune_draws_its_ratios_from_an_img2img_pool(
+    breast_npz, tiny, small_features, tmp_path, monkeypatch
+):
+    from synaug.experiment.tune import tune
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    base = args(breast_npz, tiny, tmp_path)["base"]
+    tune(
+        "tune-img2img",
+        base=merge(base, {"model": CNN["cnn"]["model"], "data": {"real_fraction": 0.03}}),
+        synthetic=source(tiny),
+        ratio={"malignant": (0.0, 2.0)},
+        seeds=1,
+        n_trials=1,
+        evaluate_seeds=0,
+        fit="test_training_free:stand_in",
+        tracking=uri,
+        storage=f"sqlite:///{tmp_path}/optuna.db",
+        generator="img2img",
+    )
+    client = mlflow.MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("tune-img2img").experiment_id
+    (gen,) = search(client, exp_id, {"level": "generator"})
+    assert gen.data.tags["kind"] == "sd-img2img" and gen.data.tags["optuna.study"] == "tune-img2img"
+    (images,) = Path("outputs/generators/tune-img2img/img2img/real0.03-subset0").glob("*/images")
+    manifest = pd.read_csv(images / "manifest.csv", dtype=str, keep_default_na=False)
+    dm = ClassificationData(root=str(breast_npz), image_size=28, real_fraction=0.03, subset_seed=0)
+    _, ts = dm.training_set()
+    kept = dm.items.iloc[ts.real]
+    malignant = set(kept["id"][kept["label"] == dm.class_names.index("malignant")])
+    # the largest ratio of the search space, of the augmented class only, from the subset's kept images
+    assert set(manifest["class"]) == {"malignant"} and set(manifest["source"]) == malignant
+    assert len(manifest) == synthetic_count(2.0, len(malignant))
+    (trial,) = search(client, exp_id, {"level": "seed", "optuna.trial": "0"})
+    assert trial.data.tags["generator_run"] == gen.info.run_id
