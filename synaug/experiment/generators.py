@@ -26,8 +26,8 @@ A changed generator config (or subset, data, code) is a new hash, so only that g
 it are redone; their classifier runs see new synthetic folders, hence a new `config_hash` (see `grid`).
 
 Each step is an MLflow run (tags level=generator, experiment, generator, real, subset_seed, step_hash, and kind for
-a training-free one), child of the experiment's parent run; the quality metrics are logged to it, and the cells that use it are tagged on it
-(`cells`) while each seed run names it (`generator_run`).
+a training-free one), child of the experiment's parent run; the quality metrics are logged to it, and the cells
+that use it are tagged on it (`cells`) while each seed run names it (`generator_run`).
 
 `synaug tune` runs the same steps (`plan_steps`, then `run_step` each) before its first trial, with the largest
 ratio of its search space; its generator runs are top-level runs of the study's experiment (tag optuna.study). The
@@ -285,9 +285,10 @@ def run_step(
     done: Callable[[str, str], None] | None = None,
 ) -> None:
     """One step, start to end, as `synaug experiment` and `synaug tune` run it: train the generator unless its
-    export is there (or it is training-free), make the images still missing, check their quality and gate it, filter them if
-    `source.filter`; then `source.made` names the folder the classifiers read. `done(kind, result)` hears of
-    each training ("generator trainings") and generation ("generations") finished (a progress display).
+    export is there (or it is training-free), make the images still missing, check their quality and gate it,
+    filter them if `source.filter`; then `source.made` names the folder the classifiers read. `done(kind,
+    result)` hears of each training ("generator trainings") and generation ("generations") finished (a progress
+    display).
     Processes sharing `outputs/` (tuning or grid workers starting together) take turns on a step: the first
     trains and samples it, the others find it done."""
     done = done or (lambda kind, result: None)
