@@ -162,6 +162,10 @@ class Synthetic:
         made = [k for k in ("folders", "train", "generate") if getattr(self, k)]
         if len(made) > 1:
             raise ValueError(f"a synthetic source has one of `folders`, `train`, `generate`; got {made}")
+        if self.generate is None and self.kind != Synthetic.kind:
+            raise ValueError(
+                f"kind {self.kind!r} names the generator of a `generate:` source; this one has none"
+            )
         if self.generate is not None and self.sampler is not None:
             raise ValueError("a `generate` source has its sampling settings in its config (or `overrides`)")
 

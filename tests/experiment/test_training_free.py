@@ -167,6 +167,8 @@ def test_a_generate_source_refuses_what_the_grid_decides(tiny):
         generators.derive_config("import", {}, None, merge)
     with pytest.raises(ValueError, match="one of `folders`, `train`, `generate`"):
         Synthetic(train="a.yaml", generate="b.yaml")
+    with pytest.raises(ValueError, match="names the generator of a `generate:` source"):
+        Synthetic(folders=["x"], kind="transform")
     # the command's own config is accepted: its data-selection keys are the grid's, not used
     config = generators.derive_config(
         "sd-img2img", str(ROOT / "configs/generators/img2img.yaml"), None, merge
