@@ -218,3 +218,20 @@ def test_a_tune_draws_its_ratios_from_an_img2img_pool(
     assert len(manifest) == synthetic_count(2.0, len(malignant))
     (trial,) = search(client, exp_id, {"level": "seed", "optuna.trial": "0"})
     assert trial.data.tags["generator_run"] == gen.info.run_id
+
+
+def test_any_kind_with_a_derive_is_a_generate_source(breast_npz, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = {"data": {"root": str(breast_npz), "image_size": 28}}
+    source = Synthetic(generate={"policy": "none", "image_size": 28}, kind="transform", ratios=[0.5])
+    cells = grid(base, CNN, real_fractions=[0.05], synthetic={"copies": source})
+    (step,), dm = generators.plan_steps(cells, base, "any", [1], merge)
+    assert step.kind == "transform" and step.trained  # nothing to train
+    generators.generate_images(step, None, dm)
+    _, ts = dm.training_set(real_fraction=0.05, subset_seed=1)
+    kept = set(dm.items["id"].to_numpy()[ts.real])
+    manifest = pd.read_csv(step.images / "manifest.csv", dtype=str, keep_default_na=False)
+    assert set(manifest["source"]) <= kept and step.generated() == 0
+    assert dict(manifest["class"].value_counts()) == {
+        c: synthetic_count(0.5, n) for c, n in ts.counts["real_kept"].items()
+    }
