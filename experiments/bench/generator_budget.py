@@ -75,7 +75,7 @@ def main() -> None:
         batch = config["data"].get("batch_size", 32)
         step = generators.Step(a.kind, str(a.real_fraction), 0, settings, config, {}, folder)
         step.counts = dict.fromkeys(needed(ts.counts["real_kept"], 1.0), a.per_class)
-        generators.generate_images(step, {"steps": 25} if a.kind == "diffusion" else None)
+        generators.generate_images(step, {"steps": 25} if a.kind == "diffusion" else None, dm)
         table = generators.measure_quality(
             step, dm, {"image_size": 32, "kid_subset_size": 10, "kid_subsets": 20}
         )

@@ -1,13 +1,22 @@
-"""Learned generators inside the grid: a synthetic source with `train:` names a generator fit config, and the
-experiment trains it once per (real data setting, real subset) on exactly that subset's training images, exports
-it, generates as many images per class as the source's largest ratio needs, checks their quality against the
-subset and gates the generator, before any classifier trains on them.
+"""Generators inside the grid: a synthetic source with `train:` names a generator fit config, and the experiment
+trains it once per (real data setting, real subset) on exactly that subset's training images, exports it,
+generates as many images per class as the source's largest ratio needs, checks their quality against the subset
+and gates the generator, before any classifier trains on them.
+
+A source with `generate:` names a training-free generator's command config instead (`kind`, default `sd-img2img`:
+`configs/generators/img2img.yaml`): the same step with nothing to train. Its kind's `derive` (the registry) writes,
+from exactly the subset's kept training images (`ts.real`, the rows the cells keep; never validation or test
+images, never images a cell withholds), as many images per class as the largest ratio needs: for img2img,
+ceil(needed / kept) variants per image, then exactly `needed`, the images with one more variant a seeded draw
+(`stable_diffusion.img2img.variants`). Its config is the command's, without the settings that choose the real
+images (data, split, per_image, classes, split fractions and seeds: the grid's); an override of one is an error.
 
 Every step is a folder under `outputs/generators/<experiment>/<generator>/real<real>-subset<s>/<hash>/`, the hash
 over what decides its result: the resolved generator config, the real data fingerprint, the subset's training ids
 and the code of the generator's package (`code_digest`). A rerun finds the folder and skips what is done:
 
-    export/        the generator's export (`generator.json` written last, at the end of fit: its presence = trained)
+    export/        the generator's export (`generator.json` written last, at the end of fit: its presence = trained;
+                   none for a training-free step)
     checkpoints/   `last.ckpt`, written during fit: a killed training resumes from it
     images/        the synthetic folder (`write_synthetic` resumes a killed generation image by image)
     quality.json   per-class FD/KID/precision/recall against the subset's training and validation images,
@@ -16,9 +25,9 @@ and the code of the generator's package (`code_digest`). A rerun finds the folde
 A changed generator config (or subset, data, code) is a new hash, so only that generator and the cells that use
 it are redone; their classifier runs see new synthetic folders, hence a new `config_hash` (see `grid`).
 
-Each training is an MLflow run (tags level=generator, experiment, generator, real, subset_seed, step_hash), child
-of the experiment's parent run; the quality metrics are logged to it, and the cells that use it are tagged on it
-(`cells`) while each seed run names it (`generator_run`).
+Each step is an MLflow run (tags level=generator, experiment, generator, real, subset_seed, step_hash, and kind for
+a training-free one), child of the experiment's parent run; the quality metrics are logged to it, and the cells
+that use it are tagged on it (`cells`) while each seed run names it (`generator_run`).
 
 `synaug tune` runs the same steps (`plan_steps`, then `run_step` each) before its first trial, with the largest
 ratio of its search space; its generator runs are top-level runs of the study's experiment (tag optuna.study). The
@@ -30,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import json
 import math
 import shutil
@@ -48,6 +58,7 @@ from mlflow import MlflowClient
 from synaug.data import ClassificationData
 from synaug.data.images import load_image
 from synaug.data.synthetic import COLUMNS, read_synthetic
+from synaug.generators import registry
 from synaug.generators.transform import needed
 
 CHECKPOINT = "lightning.pytorch.callbacks.ModelCheckpoint"
@@ -57,19 +68,20 @@ GATE_KEYS = ("memorized_share", "leaked", "fid", "val_fid", "kid_mean")
 
 @dataclass
 class Step:
-    """One (learned source, real setting, subset): where its files go and what is done of it."""
+    """One (staged source, real setting, subset): where its files go and what is done of it."""
 
     generator: str  # the source's name in the grid
     real: str  # the cell's real data label
     subset_seed: int
     settings: dict  # real_fraction, real_count, subset_seed
-    config: dict  # the generator's fit config, resolved for this subset
+    config: dict  # the generator's fit config, resolved for this subset; a training-free kind's settings
     counts: dict[str, int]  # images per class the largest ratio needs
     folder: Path
     run_id: str = ""
     quality: pd.DataFrame | None = None
     excluded: str = ""  # the gate's reason, '' when passed
     cells: list[str] = field(default_factory=list)
+    kind: str = ""  # a training-free kind (`Synthetic.generate`); '' for a learned generator
 
     @property
     def export(self) -> Path:
@@ -81,7 +93,8 @@ class Step:
 
     @property
     def trained(self) -> bool:
-        return (self.export / "generator.json").is_file()
+        """Nothing left to train: the export is there, or the kind is training-free."""
+        return bool(self.kind) or (self.export / "generator.json").is_file()
 
     def generated(self) -> int:
         """Images still missing from the synthetic folder."""
@@ -99,8 +112,9 @@ def load_config(train: str | dict) -> dict:
 
 
 def code_digest(class_path: str) -> str:
-    """sha256 over the source of the generator's package (its module's folder) and the generator contract: a
-    change in the network or its training invalidates its trainings, a change elsewhere does not."""
+    """sha256 over the source of the generator's package (the folder of `class_path`'s module: a class or a
+    function) and the generator contract: a change in the network or its training (or a training-free kind's
+    code) invalidates its steps, a change elsewhere does not."""
     module = importlib.import_module(class_path.rpartition(".")[0])
     files = sorted(Path(module.__file__).parent.glob("*.py"))
     files.append(Path(importlib.import_module("synaug.generators.base").__file__))
@@ -138,10 +152,41 @@ def generator_config(
     return config
 
 
+def derive_config(kind: str, generate: str | dict, overrides: dict | None, merge) -> dict:
+    """A training-free kind's settings for the grid: its command's config (`generate`) and `overrides`, reduced to
+    the parameters of its `derive`. The command's other parameters choose the real images, which the grid does
+    (its subset, its ratio): the base config may carry them, an override of one is an error, and so is a key the
+    command does not take, or a split other than `train`."""
+    derive = registry.get(kind).derive
+    if derive is None:
+        raise ValueError(
+            f"generator kind {kind!r} cannot make images from a real subset (no `derive`); a `generate:` source "
+            f"takes {sorted(k for k, v in registry.kinds().items() if v.derive)}"
+        )
+    takes = list(inspect.signature(derive).parameters)[4:]  # after (src, rows, out, counts)
+    command = registry.get(kind).command or derive
+    grid = set(inspect.signature(command).parameters) - set(takes)
+    decided = sorted(set(overrides or {}) & grid)
+    if decided:
+        raise ValueError(
+            f"{kind}: overrides {decided} choose the real images, which the experiment does per real subset "
+            "(its kept training images, as many as the ratio needs): remove them"
+        )
+    config = merge(load_config(generate), overrides or {})
+    unknown = sorted(set(config) - set(takes) - grid)
+    if unknown:
+        raise ValueError(f"{kind}: unknown setting(s) {unknown}; it takes {takes}")
+    if config.get("split", "train") != "train":
+        raise ValueError(
+            f"{kind}: split {config['split']!r}; a grid's synthetic images come from training images"
+        )
+    return {k: v for k, v in config.items() if k in takes}
+
+
 def step_hash(config: dict, fingerprint: str, train_ids: list[str], code: str) -> str:
     payload = yaml.safe_dump(
         {
-            "config": config | {"model": config["model"]},
+            "config": config,
             "data": fingerprint,
             "ids": sorted(train_ids),
             "code": code,
@@ -154,13 +199,13 @@ def step_hash(config: dict, fingerprint: str, train_ids: list[str], code: str) -
 def plan_steps(
     cells, base: dict, name: str, subsets: list[int], merge
 ) -> tuple[list[Step], ClassificationData]:
-    """Every (learned source, real setting, subset) the grid's cells use, with its hashed folder."""
+    """Every (staged source, real setting, subset) the grid's cells use, with its hashed folder."""
     data = {k: v for k, v in base.get("data", {}).items() if k not in ("synthetic", "synthetic_ratio")}
     dm = ClassificationData(**{k: v for k, v in data.items() if k not in ("real_fraction", "real_count")})
     steps: dict[tuple, Step] = {}
     for cell in cells:
         source = cell.source
-        if source is None or source.train is None:
+        if source is None or not source.staged:
             continue
         for s in subsets:
             key = (cell.generator, cell.real, s)
@@ -171,14 +216,21 @@ def plan_steps(
             _, ts = dm.training_set(**settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
             ids = dm.items["id"].to_numpy()[ts.real].tolist()
             root = Path("outputs") / "generators" / name / cell.generator / f"real{cell.real}-subset{s}"
-            config = generator_config(source.train, source.overrides, data, settings, root, merge)
-            h = step_hash(config, dm.source.fingerprint, ids, code_digest(config["model"]["class_path"]))
-            folder = root / h
-            config = generator_config(source.train, source.overrides, data, settings, folder, merge)
+            kind = source.kind if source.generate is not None else ""
+            if kind:  # nothing trained, nothing exported: its settings are the whole config
+                config = derive_config(kind, source.generate, source.overrides, merge)
+                derive = registry.get(kind).derive
+                code = code_digest(f"{derive.__module__}.{derive.__name__}")
+            else:
+                config = generator_config(source.train, source.overrides, data, settings, root, merge)
+                code = code_digest(config["model"]["class_path"])
+            folder = root / step_hash(config, dm.source.fingerprint, ids, code)
+            if not kind:
+                config = generator_config(source.train, source.overrides, data, settings, folder, merge)
             counts = needed(ts.counts["real_kept"], source.most(dm.class_names))
             counts = {c: math.ceil(n * source.oversample) for c, n in counts.items()}
             steps[key] = Step(
-                cell.generator, cell.real, s, settings, config, counts, folder, cells=[cell.name]
+                cell.generator, cell.real, s, settings, config, counts, folder, cells=[cell.name], kind=kind
             )
     return list(steps.values()), dm
 
@@ -187,7 +239,8 @@ def train(
     step: Step, client: MlflowClient, exp_id: str, experiment: str, uri: str, parent: str | None
 ) -> None:
     """Train the generator of `step` (resuming a killed training from its last checkpoint) on its MLflow run, a
-    child of `parent` (None: a top-level run, as `synaug tune` makes them)."""
+    child of `parent` (None: a top-level run, as `synaug tune` makes them). A trained or training-free step only
+    finds (or creates) its run."""
     from synaug.cli import SynAugCLI
     from synaug.experiment.runs import search
 
@@ -201,12 +254,13 @@ def train(
             run_name=f"{step.generator} real={step.real} subset {step.subset_seed}",
             tags=tags
             | {"generator": step.generator, "real": step.real, "subset_seed": str(step.subset_seed)}
+            | ({"kind": step.kind} if step.kind else {})
             | ({"mlflow.parentRunId": parent} if parent else {}),
         ).info.run_id
+        client.log_text(step.run_id, yaml.safe_dump(step.config, sort_keys=False), "generator_config.yaml")
     if step.trained:
         return
     client.update_run(step.run_id, status="RUNNING")
-    client.log_text(step.run_id, yaml.safe_dump(step.config, sort_keys=False), "generator_config.yaml")
     logger = {
         "class_path": "synaug.tracking.MLFlowLogger",
         "init_args": {"experiment_name": experiment, "tracking_uri": uri, "run_id": step.run_id},
@@ -231,9 +285,10 @@ def run_step(
     done: Callable[[str, str], None] | None = None,
 ) -> None:
     """One step, start to end, as `synaug experiment` and `synaug tune` run it: train the generator unless its
-    export is there, make the images still missing, check their quality and gate it, filter them if
-    `source.filter`; then `source.made` names the folder the classifiers read. `done(kind, result)` hears of
-    each training ("generator trainings") and generation ("generations") finished (a progress display).
+    export is there (or it is training-free), make the images still missing, check their quality and gate it,
+    filter them if `source.filter`; then `source.made` names the folder the classifiers read. `done(kind,
+    result)` hears of each training ("generator trainings") and generation ("generations") finished (a progress
+    display).
     Processes sharing `outputs/` (tuning or grid workers starting together) take turns on a step: the first
     trains and samples it, the others find it done."""
     done = done or (lambda kind, result: None)
@@ -247,8 +302,9 @@ def run_step(
             done("generator trainings", f"trained in {train_s / 60:.1f} min")
         missing = step.generated()
         if missing:
+            client.update_run(step.run_id, status="RUNNING")
             started = time.monotonic()
-            generate_images(step, source.sampler)
+            generate_images(step, source.sampler, dm)
             client.log_metric(step.run_id, "time/image_s", (time.monotonic() - started) / missing)
             done("generations", f"{missing} images")
     check_quality(step, dm, source.quality, source.gate)
@@ -262,7 +318,13 @@ def run_step(
         source.made[(step.real, step.subset_seed)] = str(step.folder / f"filtered-{source.filter:g}")
 
 
-def generate_images(step: Step, sampler: dict | None) -> None:
+def generate_images(step: Step, sampler: dict | None, dm: ClassificationData) -> None:
+    """The images still missing: sampled from the export, or (training-free) derived from the subset's kept
+    training rows, the rows its cells train on."""
+    if step.kind:
+        _, ts = dm.training_set(**step.settings, synthetic=None, synthetic_ratio=0.0, replace_prob=0.0)
+        registry.get(step.kind).derive(dm.source, ts.real, step.images, step.counts, **step.config)
+        return
     from synaug.generators.generate import generate
 
     generate(str(step.export), str(step.images), per_class=step.counts, sampler=sampler, seed=0)

@@ -116,9 +116,21 @@ class Synthetic:
             DreamBooth, textual inversion, any registered kind), trained by the experiment once per (real
             setting, real subset) on exactly that subset's training images, then sampled (`folders` stays
             empty); see `synaug.experiment.generators`.
-        overrides: merged over the `train` config (e.g. `{trainer: {max_steps: 500}}`).
-        sampler: the kind's sampling settings for `synaug generate` (e.g. `{scheduler: ddim, steps: 20}`).
-        quality: options of the quality check of a `train` source (`feature`, `image_size`, `k`, ...).
+        generate: a training-free generator: the config of its command (a YAML path or a mapping, e.g.
+            `configs/generators/img2img.yaml`, which `synaug generate img2img -c` reads), run by the experiment
+            once per (real setting, real subset) on exactly that subset's kept training images (never validation
+            or test images, never real images the cell withholds), as many images per class as the largest ratio
+            needs; the same step as a `train` source's (cached folder, MLflow run, quality check, gate) with
+            nothing to train. The command's settings that choose the real images (`data`, `split`, `per_image`,
+            `classes`, the split fractions and seeds) are the grid's: the base config may hold them (they are not
+            used), `overrides` may not. See `synaug.experiment.generators`.
+        kind: the registered training-free kind that `generate` configures (one with a `derive`: `sd-img2img`,
+            Stable Diffusion img2img variants; `transform`, conventional transforms).
+        overrides: merged over the `train` or `generate` config (e.g. `{trainer: {max_steps: 500}}`,
+            `{strength: 0.05}`).
+        sampler: the kind's sampling settings for `synaug generate` (e.g. `{scheduler: ddim, steps: 20}`); a
+            `generate` source has them in its config.
+        quality: options of the quality check of a `train` or `generate` source (`feature`, `image_size`, ...).
         gate: `max_<metric>` thresholds on any class's quality row (`memorized_share`, `leaked`, `fid`,
             `val_fid`, `kid_mean`): a generator above one is left out of the classifier stage for that real
             setting, with the reason in its run and the report.
@@ -135,6 +147,8 @@ class Synthetic:
     transform: Policy | None = None
     control: bool = False  # a control arm (added by the experiment), not a source under test
     train: str | dict | None = None
+    generate: str | dict | None = None
+    kind: str = "sd-img2img"
     overrides: dict | None = None
     sampler: dict | None = None
     quality: dict | None = None
@@ -143,6 +157,22 @@ class Synthetic:
     oversample: float = 1.0
     # (real label, subset seed) -> the folder the experiment made for a `train` source (not config)
     made: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        made = [k for k in ("folders", "train", "generate") if getattr(self, k)]
+        if len(made) > 1:
+            raise ValueError(f"a synthetic source has one of `folders`, `train`, `generate`; got {made}")
+        if self.generate is None and self.kind != Synthetic.kind:
+            raise ValueError(
+                f"kind {self.kind!r} names the generator of a `generate:` source; this one has none"
+            )
+        if self.generate is not None and self.sampler is not None:
+            raise ValueError("a `generate` source has its sampling settings in its config (or `overrides`)")
+
+    @property
+    def staged(self) -> bool:
+        """Made by the experiment's generator stage, per (real setting, subset): a `train` or `generate` source."""
+        return self.train is not None or self.generate is not None
 
     def most(self, classes: list[str]) -> dict[str, float]:
         """The largest ratio each augmented class gets over `ratios`."""
@@ -239,7 +269,7 @@ class Cell:
         if self.source is not None:
             folders = (
                 [self.source.made[(self.real, subset_seed)]]
-                if self.source.train is not None
+                if self.source.staged
                 else [f.format(subset_seed=subset_seed, real=self.real) for f in self.source.folders]
             )
             data |= dict(
@@ -685,7 +715,7 @@ def experiment(
         SynAugCLI(args=run_config(merge(base, classifiers[clf]), {"policy": policy}, 0, name, uri), run=False)
     subsets = sorted({subset_of(s) for s in range(seeds)})
     steps, generator_dm = [], None
-    if any(s.train is not None for s in synthetic.values()):
+    if any(s.staged for s in synthetic.values()):
         steps, generator_dm = generators.plan_steps(cells, base, generator_cache or name, subsets, merge)
         for source in synthetic.values():
             generators.check_gate(source.gate)
@@ -711,7 +741,7 @@ def experiment(
             + todo * costs["classifier_s"]
         )
         print(
-            f"{name} plan: {len(steps)} generator trainings ({len(pending_train)} to do), "
+            f"{name} plan: {sum(not s.kind for s in steps)} generator trainings ({len(pending_train)} to do), "
             f"{len(steps)} generations ({len(pending_images)} to do, {images} images), "
             f"{len(cells)} cells x {seeds} seeds = {len(cells) * seeds} classifier runs ({todo} to do); "
             f"estimated {cost / 60:.1f} min at {costs['generator_train_s']:.0f} s per generator training, "

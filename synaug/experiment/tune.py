@@ -29,7 +29,8 @@ classes and the conventional policy), maximising a validation metric averaged ov
   subset's training images only, with as many images per class as the largest ratio of `ratio` needs; every
   trial draws its ratio from that pool. It is the grid's generator stage (`synaug.experiment.generators`), with
   its cache (`outputs/generators/<generator_cache>/<generator>/real<real>-subset<s>/<hash>/`) and its MLflow
-  runs (level=generator, here top-level runs tagged optuna.study; each seed run names its `generator_run`).
+  runs (level=generator, here top-level runs tagged optuna.study; each seed run names its `generator_run`). A
+  `generate:` source (img2img, training-free) goes through the same stage with nothing to train.
 - Then the best configuration is trained over `evaluate_seeds` seeds and tested once against its baseline
   without synthetic images, through `synaug experiment` (MLflow experiment `<name>-test`). With several
   processes, give them `--evaluate_seeds 0` and evaluate once the study is done: the same command again runs
@@ -164,7 +165,8 @@ def tune(
         synthetic: the synthetic folders (`{subset_seed}` and `{real}` templated as in `synaug experiment`), or
             a source as `synaug experiment` takes one: `train:` a generator's fit config (with `overrides`,
             `sampler`, `quality`, `gate`, `filter`, `oversample`), trained and sampled once per real setting
-            and subset before the first trial; the study chooses the ratios, so the source sets none.
+            and subset before the first trial, or `generate:` a training-free one's (img2img); the study
+            chooses the ratios, so the source sets none.
         ratio: class -> (low, high): the search range of its synthetic ratio (`data.synthetic_ratio`).
         ratio_step: a grid step for the ratios (default: continuous).
         transform: make missing synthetic folders with the `transform` generator under this policy, from each
@@ -233,7 +235,7 @@ def tune(
     )
     pool = [Cell(clf, "none", f, n, generator, largest, source) for f, n in reals]
     generator_runs = {}  # (real, subset seed) -> the generator's MLflow run
-    if source.train is not None:
+    if source.staged:
         generators.check_gate(source.gate)
         subsets = sorted({subset_of(s) for s in range(seeds)})
         steps, dm = generators.plan_steps(pool, config, generator_cache or name, subsets, merge)

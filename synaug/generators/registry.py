@@ -39,6 +39,9 @@ class GeneratorKind:
     module: type | None = None  # the LightningModule `synaug fit` trains; None: training-free
     load: Callable[..., Generator] | None = None  # (export or .ckpt, device, **sampling options) -> Generator
     command: Callable[..., Path] | None = None  # training-free: the function that writes a synthetic folder
+    # training-free, in a grid (`generate:` sources): (ImageSource, real rows, out, {class: count}, **settings)
+    # writes exactly those counts of images derived from those rows only; its other parameters are the settings
+    derive: Callable[..., Path] | None = None
 
 
 _KINDS: dict[str, GeneratorKind] = {}

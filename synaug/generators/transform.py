@@ -146,6 +146,7 @@ register(
     "transform",
     "conventional transforms (AutoAugment, ...) of real training images: the baseline; training-free",
     command=transform_generate,
+    derive=write_transforms,
 )
 
 

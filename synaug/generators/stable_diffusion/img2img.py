@@ -5,7 +5,10 @@ output is converted back to grey with PIL's luma (ITU-R 601: 0.299 R + 0.587 G +
 input the model's output channels differ only slightly, so the luma is close to their mean; `channels: 3` keeps
 the RGB output instead.
 
-A training-free generator kind (`sd-img2img`): it has no export, its command writes the synthetic folder.
+A training-free generator kind (`sd-img2img`): it has no export. `img2img` (the command) writes variants of every
+image of a split; `variants` (the kind's `derive`) writes exactly N variants per class of given real rows, which is
+how `synaug experiment` and `synaug tune` make a `generate:` source from each real subset
+(`synaug.experiment.generators`).
 """
 
 from __future__ import annotations
@@ -17,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from synaug.data.sources import DataError, load_source
-from synaug.data.synthetic import Made, image_seed, write_synthetic
+from synaug.data.sources import DataError, ImageSource, load_source
+from synaug.data.synthetic import Made, image_seed, train_set_fingerprint, write_synthetic
 from synaug.generators.registry import register
 from synaug.generators.stable_diffusion.pipeline import SD15, load_pipeline, unet_digest
 from synaug.utils import pick_device
@@ -74,13 +77,6 @@ def img2img(
 
     Returns the output folder.
     """
-    if strength and int(strength * steps) < 1:
-        raise ValueError(
-            f"strength {strength} with {steps} steps denoises int({strength} * {steps}) = 0 steps; "
-            "raise the strength or the steps"
-        )
-    if image_size % 8:
-        raise ValueError(f"image_size must be a multiple of 8 (the VAE's downsampling); got {image_size}")
     src = load_source(
         data, val_fraction=val_fraction, test_fraction=test_fraction, seed=split_seed, data_root=data_root
     )
@@ -88,7 +84,115 @@ def img2img(
     unknown = sorted(set(classes) - set(src.classes))
     if unknown:
         raise DataError(f"class(es) {unknown} are not in {data}; its classes are {src.classes}")
-    prompts = prompts or {c: f"an image of a {c.replace('_', ' ')}" for c in classes}
+    items = src.items
+    real = {}  # (class, index) -> row of its real image
+    for c in classes:
+        rows = items.index[(items["split"] == split) & (items["label"] == src.classes.index(c))]
+        real |= {(c, j * per_image + k): r for j, r in enumerate(rows) for k in range(per_image)}
+    return write_img2img(
+        src,
+        real,
+        out,
+        dict(split=split, per_image=per_image),
+        model=model,
+        strength=strength,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        prompts=prompts or {c: default_prompt(c) for c in classes},
+        negative_prompt=negative_prompt,
+        image_size=image_size,
+        channels=channels,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+def variants(
+    src: ImageSource,
+    rows: np.ndarray,
+    out: str | Path,
+    counts: dict[str, int],
+    model: str = SD15,
+    strength: float = 0.1,
+    steps: int = 50,
+    guidance_scale: float = 7.5,
+    prompts: dict[str, str] | None = None,
+    negative_prompt: str | None = None,
+    image_size: int = 512,
+    channels: Literal[1, 3] = 1,
+    seed: int = 0,
+    batch_size: int = 8,
+    device: str = "auto",
+) -> Path:
+    """Exactly `counts[c]` img2img variants of class c, of the real rows `rows` of `src` only (a grid's real
+    training subset: `synaug.experiment.generators` calls this for a `generate:` source), into `out`.
+
+    Variant k of class c is of the image at position k mod n of a seeded permutation of the class's n rows
+    (`seed`, the class): every image gets one variant before any gets two, so each gets floor or ceil of
+    counts / n variants, and the images that get the extra one are a seeded random draw, not the first in file
+    order (which can follow patients or acquisition). The assignment of an index does not depend on `counts`,
+    so a larger count later only adds variants. The other arguments are `img2img`'s.
+    """
+    labels, ids = src.items["label"].to_numpy(), src.items["id"].to_numpy()
+    real = {}  # (class, index) -> row of its real image
+    for c, n in counts.items():
+        own = np.sort(rows[labels[rows] == src.classes.index(c)])
+        if n and not len(own):
+            raise ValueError(f"{n} variants of class {c!r} asked for, but the real rows hold none of it")
+        order = np.random.default_rng([seed, src.classes.index(c)]).permutation(own)
+        real |= {(c, k): int(order[k % len(order)]) for k in range(n)}
+    return write_img2img(
+        src,
+        real,
+        out,
+        dict(train_set=train_set_fingerprint(ids[rows].tolist())),
+        model=model,
+        strength=strength,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        prompts=prompts or {c: default_prompt(c) for c in counts},
+        negative_prompt=negative_prompt,
+        image_size=image_size,
+        channels=channels,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+def default_prompt(c: str) -> str:
+    return f"an image of a {c.replace('_', ' ')}"
+
+
+def write_img2img(
+    src: ImageSource,
+    real: dict[tuple[str, int], int],
+    out: str | Path,
+    selection: dict,
+    *,
+    model: str,
+    strength: float,
+    steps: int,
+    guidance_scale: float,
+    prompts: dict[str, str],
+    negative_prompt: str | None,
+    image_size: int,
+    channels: int,
+    seed: int,
+    batch_size: int,
+    device: str,
+) -> Path:
+    """The variant of the real row `real[(c, k)]` for every (class, index) pair, through the resumable writer;
+    `selection` (how the real images were chosen) claims the folder with the sampling settings."""
+    if strength and int(strength * steps) < 1:
+        raise ValueError(
+            f"strength {strength} with {steps} steps denoises int({strength} * {steps}) = 0 steps; "
+            "raise the strength or the steps"
+        )
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8 (the VAE's downsampling); got {image_size}")
+    classes = list(dict.fromkeys(c for c, _ in real))
     missing = sorted(set(classes) - set(prompts))
     if missing:
         raise ValueError(f"no prompt for class(es) {missing}; `prompts` must name every class augmented")
@@ -103,8 +207,7 @@ def img2img(
         model=model,
         checkpoint=unet_digest(pipe),
         data=src.fingerprint,
-        split=split,
-        per_image=per_image,
+        **selection,
         strength=strength,
         steps=steps,
         guidance_scale=guidance_scale,
@@ -115,10 +218,6 @@ def img2img(
         seed=seed,
     )
     items = src.items
-    real = {}  # (class, index) -> row of its real image
-    for c in classes:
-        rows = items.index[(items["split"] == split) & (items["label"] == src.classes.index(c))]
-        real |= {(c, j * per_image + k): r for j, r in enumerate(rows) for k in range(per_image)}
 
     def make(batch: list[tuple[str, int]]) -> list[Made]:
         seeds = [image_seed(seed, c, k) for c, k in batch]
@@ -160,4 +259,5 @@ register(
     "sd-img2img",
     "Stable Diffusion img2img variants of real training images (noise augmentation); training-free",
     command=img2img,
+    derive=variants,
 )
