@@ -69,11 +69,23 @@ class _Given(nn.Module):
 
 
 def frechet_distance(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """FID between two feature sets (N, d) with torchmetrics; each needs at least 2 samples."""
-    fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
-    return float(fid.compute())
+    """FID between two feature sets (N, d); each needs at least 2 samples.
+
+    Sets smaller than the feature dimension (every class of a low-data study: 15-400 images against 1,280
+    EfficientNet or 2,048 Inception features) take an exact low-rank route: with the centred sets scaled as
+    A (n x d) and B (m x d), Sigma_r = A'A and Sigma_f = B'B, and tr sqrt(Sigma_r Sigma_f) is the sum of the singular
+    values of A B' (n x m), 0.01 s instead of torchmetrics' 2 s eigen-decomposition of a d x d product (equal to
+    float precision; `tests/evaluation/test_quality.py`). Larger sets go to torchmetrics."""
+    if max(len(real), len(fake)) >= real.shape[1]:
+        fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
+        return float(fid.compute())
+    r, f = real.double(), fake.double()
+    a = (r - r.mean(0)) / (len(r) - 1) ** 0.5
+    b = (f - f.mean(0)) / (len(f) - 1) ** 0.5
+    mean = (r.mean(0) - f.mean(0)).square().sum()
+    return float(mean + a.square().sum() + b.square().sum() - 2 * torch.linalg.svdvals(a @ b.T).sum())
 
 
 def kernel_distance(

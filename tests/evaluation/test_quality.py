@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from helpers.images import blobs, tiny_backbone_file  # tests/ is on sys.path
 from PIL import Image
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 from synaug import tracking
 from synaug.data.images import load_image
@@ -45,6 +46,17 @@ def test_fid_is_zero_against_itself_and_grows_with_noise():
     fids = [q.frechet_distance(real, feat.extract(feature, noisy(blobs(64, seed=0), s))) for s in (8, 32, 96)]
     assert abs(q.frechet_distance(real, real)) < 1e-6 * fids[0]
     assert fids[0] < fids[1] < fids[2]
+
+
+@pytest.mark.parametrize("n,m", [(40, 25), (200, 250)])  # below the feature dimension: the low-rank route
+def test_fid_equals_torchmetrics_on_small_and_large_sets(n, m):
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(n, 256, generator=g) * 2 + 1
+    fake = torch.randn(m, 256, generator=g).exp()
+    fid = FrechetInceptionDistance(feature=q._Given(256))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    assert q.frechet_distance(real, fake) == pytest.approx(float(fid.compute()), rel=1e-5)
 
 
 def test_report_with_classes_smaller_than_the_kid_subset_and_a_planted_leak():
