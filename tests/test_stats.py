@@ -60,6 +60,18 @@ def test_holm_is_monotone_bounded_and_at_least_raw():
     assert adjusted[order[0]] == pytest.approx(30 * p[order[0]])
 
 
+def test_holm_agrees_with_statsmodels_with_ties_and_refused_tests():
+    from statsmodels.stats.multitest import multipletests
+
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        p = rng.choice([0.001, 0.01, 0.02, 0.04, 0.3, 0.8], size=rng.integers(1, 12))  # ties on purpose
+        np.testing.assert_allclose(stats.holm(p), multipletests(p, method="holm")[1])
+    mixed = stats.holm([0.01, np.nan, 0.04, np.nan])
+    np.testing.assert_allclose(mixed, [0.02, np.nan, 0.04, np.nan])
+    assert np.isnan(stats.holm([np.nan])).all() and stats.holm([]).size == 0
+
+
 def test_summarize_matches_numpy():
     a, b = [0.8, 0.7, 0.9, 0.85, 0.6], [1.2, 1.0, 1.1]
     results = long_table(

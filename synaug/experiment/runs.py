@@ -82,7 +82,7 @@ def collect(
     `unit` each seed belongs to: a hash of its real subset) and each cell's `x_metric` (real training images, the same for
     every seed of a cell). `wanted` maps (cell, seed) to its run hash: only the seeds the config asks for, and
     only runs of the current config, data and synthetic images, are read."""
-    from synaug import stats  # scipy.stats and statsmodels: not for `search`, which every fit calls
+    from synaug import stats  # scipy.stats: not for `search`, which every fit calls
 
     order = {c.name: i for i, c in enumerate(cells)}
     rows, x, seen = [], {}, set()
