@@ -78,10 +78,13 @@ def to_log(path: Path | None, mode: str = "w") -> Iterator[None]:
 
 
 def _stream_handlers() -> list[logging.StreamHandler]:
-    """The logging handlers that write to a console: plain StreamHandlers (a FileHandler is a subclass)."""
+    """The logging handlers that write to a console: plain StreamHandlers (a FileHandler is a subclass), each
+    once: MLflow gives one handler to its own, SQLAlchemy's, alembic's and huey's loggers, and a handler met twice
+    was saved as already pointing at the log, so it stayed on the closed file after the block."""
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     # loggerDict also holds placeholders, without handlers
-    return [h for lg in loggers for h in getattr(lg, "handlers", []) if type(h) is logging.StreamHandler]
+    handlers = (h for lg in loggers for h in getattr(lg, "handlers", []) if type(h) is logging.StreamHandler)
+    return list(dict.fromkeys(handlers))
 
 
 def console():

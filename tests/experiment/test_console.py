@@ -129,3 +129,21 @@ def test_a_log_block_takes_every_stream_and_gives_them_back(tmp_path, capfd):
     assert (tmp_path / "run.log").read_text() == "printed\nwritten to descriptor 2\nlogged\n"
     assert (tmp_path / "next.log").read_text() == "logged in the next block\n"
     assert capfd.readouterr().err == "logged after\n"
+
+
+def test_a_handler_shared_by_loggers_gets_its_stream_back(tmp_path):
+    console = io.StringIO()
+    shared = logging.StreamHandler(
+        console
+    )  # as MLflow's, on its own, SQLAlchemy's, alembic's and huey's loggers
+    loggers = [logging.getLogger(f"synaug.tests.shared{i}") for i in range(2)]
+    for lg in loggers:
+        lg.propagate = False
+        lg.addHandler(shared)
+    with to_log(tmp_path / "run.log"):
+        loggers[0].warning("in the block")
+    loggers[1].warning("after the block")  # the first version wrote this to the closed log: "Logging error"
+    for lg in loggers:
+        lg.removeHandler(shared)
+    assert shared.stream is console and console.getvalue() == "after the block\n"
+    assert (tmp_path / "run.log").read_text() == "in the block\n"
