@@ -11,6 +11,7 @@ own write goes through a temporary file in `$TMPDIR` and a move, which is a copy
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -56,8 +57,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written under a temporary name in their own folder, then renamed when complete.
 
-    In the background: the checkpoint is serialised at once (a snapshot of this step's weights), then written
-    and renamed on one thread while training goes on. One write at a time: the next save, a removal, a load and
+    In the background: the checkpoint's tensors are copied at once (to the CPU: a snapshot of this step's
+    weights and optimizer state, which the next step changes in place), then serialised, written and renamed on
+    one thread while training goes on. The copy is a memcpy (0.05 s for ResNet-18 + Adam's 134 MB here, where
+    serialising took 0.17 s in the foreground). One write at a time: the next save, a removal, a load and
     teardown (the end of fit) wait for it first, and raise its error if it failed.
     No fsync: the rename makes a checkpoint's name appear only over complete bytes, which is what a killed
     process or a full disk needs; surviving a power cut is not worth it here: an fsync of a 134 MB ResNet-18 +
@@ -72,10 +75,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # remote (fsspec) storage: Lightning's own write
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        buf = io.BytesIO()
-        torch.save(checkpoint, buf)
         self._pool = self._pool or ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
-        self._pending = self._pool.submit(_write, buf, path)
+        self._pending = self._pool.submit(_serialise, snapshot(checkpoint), path)
 
     def remove_checkpoint(self, path) -> None:
         self._wait()
@@ -97,6 +98,30 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+
+
+def snapshot(obj: Any) -> Any:
+    """`obj` (a checkpoint: dicts, lists, tuples) with every tensor copied to the CPU; containers are copied with
+    their type (OrderedDict, defaultdict, named tuples), other values shared."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for k, v in obj.items():
+            out[k] = snapshot(v)
+        return out
+    if isinstance(obj, list):
+        return [snapshot(v) for v in obj]
+    if isinstance(obj, tuple):
+        items = [snapshot(v) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _serialise(checkpoint: dict, path) -> None:
+    buf = io.BytesIO()
+    torch.save(checkpoint, buf)
+    _write(buf, path)
 
 
 def _write(buf: io.BytesIO, path) -> None:
