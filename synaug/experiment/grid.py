@@ -60,7 +60,7 @@ import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from multiprocessing import get_context
+from multiprocessing import forkserver, get_context
 from pathlib import Path
 from typing import Literal
 
@@ -560,13 +560,9 @@ def run_all(
                 raise
             finished(config, run_id, run_name)
         return
-    # Not fork: CUDA cannot be re-initialised in a forked child. A fork server that has imported synaug (and so
-    # torch, Lightning, MLflow) but touched no GPU forks the workers: the imports are paid once, not per worker.
-    context = get_context("forkserver")
-    context.set_forkserver_preload(["synaug.experiment.grid"])
     with ProcessPoolExecutor(
         workers,
-        mp_context=context,
+        mp_context=worker_context(),
         initializer=_worker_init,
         initargs=(max(1, os.cpu_count() // workers),),
     ) as pool:
@@ -588,6 +584,17 @@ def run_all(
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the runs in flight finish; the queued ones never start
             raise
+
+
+def worker_context():
+    """The workers' start method, its server started now (idempotent). Not fork: CUDA cannot be re-initialised
+    in a forked child. A fork server that has imported synaug (and so torch, Lightning, MLflow) but touched no GPU
+    forks the workers: the imports are paid once, not per worker, and while this process goes on (`experiment`
+    starts it before the generator stage: 8-10 s of imports on a 2-core CPU, overlapped)."""
+    context = get_context("forkserver")
+    context.set_forkserver_preload(["synaug.experiment.grid"])
+    forkserver.ensure_running()
+    return context
 
 
 def measured_costs(client: MlflowClient, exp_id: str, name: str, estimate: dict | None) -> dict:
@@ -678,7 +685,8 @@ def experiment(
         metric: the report's main test metric: the paired comparison, ratio and learning curves.
         minority_metric: an extra table column, e.g. `test/recall/glioma`.
         learning_curve_class: learning curves against this class's real images, not the mean per class.
-        workers: train this many seeds at a time, each in its own process (small models sharing one GPU).
+        workers: train this many seeds at a time, each in its own process with cores / workers torch threads:
+            small models sharing one GPU, or scikit-learn heads on frozen features (one core each) on a CPU.
         keep_checkpoints: keep each run's best checkpoint (default: deleted once tested).
         out: the report folder (default `outputs/experiments/<name>`).
         tracking: MLflow tracking URI (default: `$MLFLOW_TRACKING_URI`, else the local store).
@@ -754,6 +762,8 @@ def experiment(
         raise ValueError(
             "with `storage` each worker trains one run at a time: start more workers, not `workers`"
         )
+    if workers > 1:
+        worker_context()
     # one of several workers: the first trains the generators and enqueues the runs, the others wait for that
     pool = (
         grid_workers.join(storage, name, client, exp_id, heartbeat_interval, grace_period)
