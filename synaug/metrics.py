@@ -1,13 +1,14 @@
-"""Classification metrics (torchmetrics) under synaug's names, and the confusion-matrix figure."""
+"""Classification metrics (torchmetrics) under synaug's names, and the confusion matrix as an image."""
 
 from __future__ import annotations
 
 import warnings
 
-import matplotlib.pyplot as plt
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -17,6 +18,8 @@ from torchmetrics.classification import (
     MulticlassPrecision,
     MulticlassRecall,
 )
+
+DARK = (8, 48, 107)  # the darkest blue of matplotlib's Blues: a row's whole share
 
 
 class ClassificationMetrics(nn.Module):
@@ -70,10 +73,41 @@ class ClassificationMetrics(nn.Module):
         out[f"{prefix}/cross_entropy"] = float(self.cross_entropy.compute())
         return out
 
-    def confusion_figure(self, title: str = "") -> plt.Figure:
-        fig, ax = self.confmat.plot(labels=self.class_names)  # laid out by torchmetrics (no tight_layout)
-        ax.set_title(title)
-        return fig
+    def confusion_image(self, title: str = "", cell: int = 72) -> Image.Image:
+        """The confusion matrix as an image: a row per true class, a column per predicted one, each cell its
+        count and its share of the row, shaded by that share. Drawn with PIL, not matplotlib: every run logs one,
+        and torchmetrics' figure took 0.13-0.18 s to draw and save (this: a few milliseconds)."""
+        counts = self.confmat.compute().cpu().numpy().astype(int)
+        share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+        font = ImageFont.load_default(size=13)
+        width = max(
+            ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font) for n in self.class_names
+        )
+        cell = max(cell, int(width) + 12)
+        k, left, top, pad = len(self.class_names), int(width) + 20, 56, 8
+        img = Image.new("RGB", (left + k * cell + pad, top + k * cell + 28), "white")
+        draw = ImageDraw.Draw(img)
+        draw.text((left + k * cell // 2, 4), title, fill="black", font=font, anchor="ma")
+        draw.text((left + k * cell // 2, 22), "predicted", fill="black", font=font, anchor="ma")
+        draw.text((pad, top + k * cell + 8), "rows: true class", fill="black", font=font)
+        for j, name in enumerate(self.class_names):
+            draw.text((left + j * cell + cell // 2, top - 6), name, fill="black", font=font, anchor="ms")
+        for i, name in enumerate(self.class_names):
+            y = top + i * cell
+            draw.text((left - 8, y + cell // 2), name, fill="black", font=font, anchor="rm")
+            for j in range(k):
+                x, v = left + j * cell, float(share[i, j])
+                fill = tuple(round(255 + v * (c - 255)) for c in DARK)  # white -> dark blue with the share
+                draw.rectangle((x, y, x + cell - 2, y + cell - 2), fill=fill)
+                draw.multiline_text(
+                    (x + cell // 2, y + cell // 2),
+                    f"{counts[i, j]}\n{v:.0%}",
+                    fill="white" if v > 0.5 else "black",
+                    font=font,
+                    anchor="mm",
+                    align="center",
+                )
+        return img
 
     def reset(self) -> None:
         self.scores.reset()

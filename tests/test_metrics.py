@@ -3,7 +3,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from synaug.metrics import ClassificationMetrics
+from synaug.metrics import DARK, ClassificationMetrics
 
 
 def test_metrics_equal_scikit_learn_on_fixed_predictions():
@@ -52,3 +52,22 @@ def test_a_class_absent_from_the_split_is_nan_and_left_out_of_macro_averages():
     )
     one_vs_rest = [skm.roc_auc_score(y == c, probs[:, c].numpy()) for c in (0, 1)]
     assert np.isclose(out["test/auroc"], np.mean(one_vs_rest), atol=1e-4)
+
+
+def test_the_confusion_image_shades_each_cell_by_its_share_of_the_row():
+    m = ClassificationMetrics(2, ["benign", "malignant"])
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    pred = torch.tensor([0, 0, 0, 1, 1, 1])  # benign row: 75% / 25%; malignant row: 0% / 100%
+    m.update(torch.nn.functional.one_hot(pred, 2).float(), y)
+    image = m.confusion_image("test")
+    pixels = {c: n for n, c in image.getcolors(image.width * image.height)}  # colour -> how many pixels
+
+    def shade(share):
+        return tuple(round(255 + share * (c - 255)) for c in DARK)
+
+    cell = 72 * 72 // 2  # at least half a cell's area, whatever its text covers
+    assert all(pixels.get(shade(share), 0) > cell for share in (1.0, 0.75, 0.25))
+    assert pixels.get(shade(0.5), 0) < cell  # no cell has half of its row (its colour is only in text edges)
+    wider = ClassificationMetrics(4, ["a", "b", "c", "d"])
+    wider.update(torch.eye(4), torch.arange(4))
+    assert wider.confusion_image().width > image.width  # a column per class

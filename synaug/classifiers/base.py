@@ -7,7 +7,7 @@ import lightning.pytorch as L
 import torch
 
 from synaug.metrics import ClassificationMetrics
-from synaug.tracking import MLFlowLogger, log_figure
+from synaug.tracking import MLFlowLogger
 
 # Under DDP each rank evaluates its shard of the split; `compute` gathers the metrics' states from every rank
 # (torchmetrics), so each rank holds the whole split's values. Lightning is told they are synced: the maximum
@@ -43,6 +43,6 @@ class Classifier(L.LightningModule):
     def on_test_epoch_end(self):
         self.log_dict(self.test_metrics.compute("test"), **SYNCED)
         if isinstance(self.logger, MLFlowLogger):
-            fig = self.test_metrics.confusion_figure("test")
-            log_figure(self.logger.experiment, self.logger.run_id, fig, "test/confusion_matrix.png")
+            image = self.test_metrics.confusion_image("test")
+            self.logger.experiment.log_image(self.logger.run_id, image, "test/confusion_matrix.png")
         self.test_metrics.reset()
