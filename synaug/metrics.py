@@ -80,9 +80,7 @@ class ClassificationMetrics(nn.Module):
         counts = self.confmat.compute().cpu().numpy().astype(int)
         share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
         font = ImageFont.load_default(size=13)
-        width = max(
-            ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(n, font=font) for n in self.class_names
-        )
+        width = max(font.getlength(n) for n in self.class_names)
         cell = max(cell, int(width) + 12)
         k, left, top, pad = len(self.class_names), int(width) + 20, 56, 8
         img = Image.new("RGB", (left + k * cell + pad, top + k * cell + 28), "white")

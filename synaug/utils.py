@@ -11,7 +11,6 @@ own write goes through a temporary file in `$TMPDIR` and a move, which is a copy
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.apply_func import apply_to_collection
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -100,22 +100,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             pending.result()
 
 
-def snapshot(obj: Any) -> Any:
-    """`obj` (a checkpoint: dicts, lists, tuples) with every tensor copied to the CPU; containers are copied with
-    their type (OrderedDict, defaultdict, named tuples), other values shared."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        out = copy.copy(obj)
-        for k, v in obj.items():
-            out[k] = snapshot(v)
-        return out
-    if isinstance(obj, list):
-        return [snapshot(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [snapshot(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    return obj
+def snapshot(checkpoint: dict) -> dict:
+    """`checkpoint` with every tensor copied to the CPU, its containers rebuilt with their types (Lightning's
+    `apply_to_collection`: OrderedDict, defaultdict, named tuples), other values shared."""
+    return apply_to_collection(checkpoint, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
 
 
 def _serialise(checkpoint: dict, path) -> None:

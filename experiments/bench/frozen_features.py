@@ -105,7 +105,7 @@ def main() -> None:
         tmp = Path(tmp)
         cache = Path(args.cache).resolve() if args.cache else tmp / "cache"
         extract = not cache.exists()
-        os.environ["SYNAUG_CACHE"] = str(cache)  # fresh: the first pass extracts everything it uses
+        os.environ["SYNAUG_CACHE"] = str(cache)  # a fresh one: the first pass extracts everything it uses
         os.chdir(tmp)  # checkpoints land under ./outputs
         first = time.perf_counter()
         if extract:

@@ -77,9 +77,8 @@ def main() -> None:
         step.counts = dict.fromkeys(needed(ts.counts["real_kept"], 1.0), a.per_class)
         started = time.monotonic()
         generators.generate_images(step, {"steps": 25} if a.kind == "diffusion" else None, dm)
-        sampled = sum(step.counts.values()) / (
-            time.monotonic() - started
-        )  # written to disk, manifest included
+        sampling_s = time.monotonic() - started  # the images written to disk, manifest included
+        sampled = sum(step.counts.values()) / sampling_s
         table = generators.measure_quality(
             step, dm, {"image_size": 32, "kid_subset_size": 10, "kid_subsets": 20}
         )

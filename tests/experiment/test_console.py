@@ -133,9 +133,8 @@ def test_a_log_block_takes_every_stream_and_gives_them_back(tmp_path, capfd):
 
 def test_a_handler_shared_by_loggers_gets_its_stream_back(tmp_path):
     console = io.StringIO()
-    shared = logging.StreamHandler(
-        console
-    )  # as MLflow's, on its own, SQLAlchemy's, alembic's and huey's loggers
+    # one handler on several loggers, as MLflow's is on its own, SQLAlchemy's, alembic's and huey's
+    shared = logging.StreamHandler(console)
     loggers = [logging.getLogger(f"synaug.tests.shared{i}") for i in range(2)]
     for lg in loggers:
         lg.propagate = False
